@@ -36,14 +36,21 @@ for _name in vgg.STAGES:
     register_model(_name)(getattr(vgg, _name))
 
 
+class UnknownNameError(KeyError):
+    """A KeyError whose message prints as written (KeyError would quote it)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 def list_models() -> list[str]:
-    return sorted(MODELS)
+    return list(MODELS)
 
 
 def create_model(name: str, num_classes: int = 100, width: float = 1.0, **kwargs) -> nn.Module:
     """Build a registered model; it remembers how (``model.arch``) so checkpoints can rebuild it."""
     if name not in MODELS:
-        raise KeyError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
+        raise UnknownNameError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
     model = MODELS[name](num_classes=num_classes, width=width, **kwargs)
     model.arch = {"name": name, "num_classes": num_classes, "width": width, **kwargs}
     return model

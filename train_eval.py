@@ -98,7 +98,7 @@ PROFILES: dict[str, dict] = {
     # this machine: real CIFAR-10, reduced widths, students on a 1000/class subset
     "cpu": dict(
         dataset="cifar10", model="vgg8", width=0.125, teacher_model="vgg13",
-        teacher_width=0.25, teacher_epochs=15, epochs=30, subset=1000, batch_size=128,
+        teacher_width=0.25, teacher_epochs=30, epochs=30, subset=1000, batch_size=128,
         lr=0.05, nesterov=True, schedule="cosine", milestones=[], n_seeds=3,
     ),
     # the standard CIFAR-100 KD recipe (Tian et al. 2020): VGG13 -> VGG8, 240 epochs

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import data_utils
-from model import count_flops, count_params, load_checkpoint
+from model import UnknownNameError, count_flops, count_params, load_checkpoint
 from train_eval import (
     Config,
     RunResult,
@@ -31,13 +31,18 @@ from train_eval import (
 )
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits (autocast) to fp32: softmax at high T needs the mantissa; fp64 stays."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def kd_loss(logits_s: torch.Tensor, logits_t: torch.Tensor, T: float) -> torch.Tensor:
     """T² · (1/B) Σ_b KL(softmax(z_t/T) ‖ softmax(z_s/T)): Hinton et al. 2015's soft-target term.
 
     The T² keeps the gradient scale independent of T (soft-target gradients shrink as 1/T²).
     """
-    log_p_s = F.log_softmax(logits_s.float() / T, dim=1)  # (B, K)
-    log_p_t = F.log_softmax(logits_t.float() / T, dim=1)  # (B, K)
+    log_p_s = F.log_softmax(_upcast(logits_s) / T, dim=1)  # (B, K)
+    log_p_t = F.log_softmax(_upcast(logits_t) / T, dim=1)  # (B, K)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * T * T
 
 
@@ -161,7 +166,7 @@ def get_method(name: str):
     if name not in METHODS:
         _load_plugins()
     if name not in METHODS:
-        raise KeyError(f"unknown distillation method {name!r}; registered: {', '.join(list_methods())}")
+        raise UnknownNameError(f"unknown distillation method {name!r}; registered: {', '.join(list_methods())}")
     return METHODS[name]
 
 

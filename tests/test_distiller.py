@@ -1,0 +1,79 @@
+"""The teacher is frozen structurally; methods plug into the loop through the registry."""
+
+import pytest
+import torch
+from torch import nn
+
+import train_kd
+from model import create_model
+from train_eval import build_optimizer, make_config
+from train_kd import Distiller, FrozenTeacher, KDLoss, distill, get_method, register_method
+
+
+def make_distiller():
+    torch.manual_seed(0)
+    student = create_model("vgg8", num_classes=10, width=0.125)
+    teacher = create_model("vgg11", num_classes=10, width=0.25)
+    return Distiller(student, teacher, KDLoss(T=4.0, alpha=0.9)), teacher
+
+
+def test_gradients_reach_student_never_teacher():
+    distiller, teacher = make_distiller()
+    distiller.train()
+    logits, terms = distiller(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
+    sum(terms.values()).backward()
+    assert all(p.grad is not None for p in distiller.student.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+
+
+def test_teacher_stays_in_eval_mode():
+    distiller, teacher = make_distiller()
+    distiller.train()
+    assert distiller.student.training
+    assert not teacher.training and not any(m.training for m in teacher.modules())
+    # even a direct .train() on the network cannot make its BN statistics move
+    teacher.train()
+    stats = [b.clone() for b in teacher.buffers()]
+    distiller(torch.randn(8, 3, 32, 32) * 3 + 1, torch.randint(0, 10, (8,)))
+    assert all(torch.equal(a, b) for a, b in zip(stats, teacher.buffers(), strict=True))
+
+
+def test_teacher_outside_optimizer_and_checkpoint_but_moves_with_module():
+    distiller, teacher = make_distiller()
+    opt = build_optimizer(distiller, make_config("smoke"))
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not in_opt & {id(p) for p in teacher.parameters()}
+    assert in_opt == {id(p) for p in distiller.student.parameters()}
+    assert not any(k.startswith("teacher") for k in distiller.state_dict())
+    distiller.double()
+    assert all(p.dtype == torch.float64 for p in teacher.parameters())
+
+
+def test_frozen_teacher_returns_features_on_request():
+    teacher = FrozenTeacher(create_model("vgg8", num_classes=10, width=0.125))
+    logits, feats = teacher(torch.randn(2, 3, 32, 32), features=True)
+    assert logits.shape == (2, 10) and len(feats["stages"]) == 5 and not logits.requires_grad
+
+
+def test_unknown_method_lists_registered():
+    with pytest.raises(KeyError, match="registered: .*kd"):
+        get_method("no-such-method")
+
+
+def test_registered_method_trains_without_touching_the_loop(smoke_cfg):
+    class L2Logits(nn.Module):
+        """A toy method: mean squared logit difference plus cross-entropy."""
+
+        needs_features = True
+
+        def forward(self, logits_s, logits_t, target, s_feats=None, t_feats=None):
+            assert s_feats is not None and t_feats is not None
+            return {"ce": nn.functional.cross_entropy(logits_s, target), "l2": (logits_s - logits_t).pow(2).mean()}
+
+    register_method("test-l2")(lambda cfg, student, teacher: L2Logits())
+    try:
+        teacher = distill(smoke_cfg(model="vgg11", width=0.125, epochs=1))
+        result = distill(smoke_cfg(method="test-l2", teacher=teacher.run_dir, epochs=1))
+        assert {"train_ce", "train_l2", "train_loss"} <= set(result.history.columns)
+    finally:
+        train_kd.METHODS.pop("test-l2")

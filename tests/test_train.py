@@ -1,0 +1,97 @@
+"""The loop really learns; evaluation is right; the command lines and the demo work."""
+
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import train_kd
+from conftest import ROOT
+from train_eval import evaluate, make_config, train
+
+
+def test_smoke_run_learns(smoke_cfg):
+    result = train(smoke_cfg(epochs=3))
+    h = result.history
+    assert h["train_loss"].iloc[-1] < 0.5 * h["train_loss"].iloc[0]
+    assert h["test_top1"].iloc[-1] > 60  # chance is 10%
+    expected = {"epoch", "lr", "train_loss", "train_ce", "train_top1", "train_images_per_s",
+                "test_loss", "test_top1", "test_top5", "seconds"}
+    assert expected <= set(h.columns)
+    on_disk = pd.read_csv(os.path.join(result.run_dir, "metrics.csv"))
+    assert len(on_disk) == 3 and os.path.isfile(os.path.join(result.run_dir, "config.json"))
+
+
+def test_finished_run_is_reused_not_retrained(smoke_cfg):
+    first = train(smoke_cfg(epochs=1))
+    stamp = os.path.getmtime(os.path.join(first.run_dir, "checkpoint.pt"))
+    again = train(smoke_cfg(epochs=1))
+    assert again.run_dir == first.run_dir
+    assert os.path.getmtime(os.path.join(first.run_dir, "checkpoint.pt")) == stamp
+    assert again.history["test_top1"].tolist() == first.history["test_top1"].tolist()
+
+
+class FixedLogits(nn.Module):
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = nn.Parameter(logits)
+
+    def forward(self, x):
+        return self.logits[x[:, 0, 0, 0].long()]
+
+
+def test_evaluate_top1_top5_and_loss_by_hand():
+    logits = torch.tensor([[5.0, 4, 3, 2, 1, 0], [0, 1, 2, 3, 4, 5], [0, 0, 0, 0, 0, 9]])
+    x = torch.arange(3).float().view(3, 1, 1, 1).expand(3, 3, 32, 32)
+    y = torch.tensor([0, 0, 4])  # hit; in none of the top 5; in the top 5 but not top 1
+    out = evaluate(FixedLogits(logits), [(x, y)])
+    assert out["top1"] == pytest.approx(100 / 3) and out["top5"] == pytest.approx(200 / 3)
+    assert out["loss"] == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-6)
+
+
+def test_kd_student_trains_from_saved_teacher(smoke_cfg):
+    teacher = train(smoke_cfg(model="vgg11", width=0.125, epochs=2))
+    kd = train_kd.distill(smoke_cfg(method="kd", teacher=teacher.run_dir, epochs=2))
+    assert {"train_ce", "train_kd"} <= set(kd.history.columns)
+    assert kd.history["test_top1"].iloc[-1] > 30
+
+
+def test_demo_smoke_writes_table_and_plot(smoke_cfg):
+    cfg = smoke_cfg()
+    table = train_kd.run_demo(cfg)
+    assert table["run"].tolist() == ["teacher", "independent", "kd"]
+    assert (table["params"] > 0).all() and (table["MFLOPs"] > 0).all()
+    out = os.path.join(cfg.out_dir, "demo-smoke")
+    assert os.path.isfile(os.path.join(out, "results.csv")) and os.path.isfile(os.path.join(out, "curves.png"))
+
+
+def _cli(script, *args):
+    env = {**os.environ, "KD_PROGRESS": "0"}
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=300)
+
+
+def test_command_lines(synthetic_dir, tmp_path):
+    common = ["--profile", "smoke", "--data-dir", synthetic_dir, "--out-dir", str(tmp_path), "--epochs", "1"]
+    teacher = _cli("train_eval.py", *common, "--model", "vgg11", "--width", "0.125")
+    assert teacher.returncode == 0, teacher.stderr
+    assert "test_top1" not in teacher.stderr and "last_top1" in teacher.stdout
+    run = teacher.stdout.split("run folder: ")[1].split()[0]
+    kd = _cli("train_kd.py", *common, "--teacher", run, "--student", "vgg8", "--T", "2", "--alpha", "0.5")
+    assert kd.returncode == 0, kd.stderr
+    assert "-kd-" in kd.stdout.split("run folder: ")[1].split()[0]
+    bad = _cli("train_eval.py", *common, "--model", "resnet")
+    assert bad.returncode != 0 and "registered models: vgg8" in bad.stderr
+    no_teacher = _cli("train_kd.py", *common)
+    assert no_teacher.returncode != 0 and "--teacher" in no_teacher.stderr
+
+
+def test_real_cifar10_two_epochs_beat_45_percent(real_cifar10, tmp_path):
+    cfg = make_config("cpu", data_dir=real_cifar10, out_dir=str(tmp_path), model="vgg8", width=0.25,
+                      subset=0, epochs=2, schedule="constant")
+    result = train(cfg)
+    assert result.history["test_top1"].iloc[-1] > 45
