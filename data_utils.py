@@ -27,7 +27,16 @@ CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
 CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
 )
 
 
@@ -134,9 +143,7 @@ def _read_pickle(path: str) -> dict:
         return pickle.load(f, encoding="latin1")
 
 
-def load_cifar(
-    name: str, root: str, train: bool, download: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
+def load_cifar(name: str, root: str, train: bool, download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One split as ``(images uint8 (N, 3, 32, 32), labels int64 (N,))``, read from the pickles.
 
     The md5 check of torchvision is skipped on purpose: regenerated copies (like the
@@ -366,9 +373,7 @@ class CifarLoader:
         c = images.shape[1]
         # fold /255 and the normalisation into one multiply-add per pixel
         self._scale = (1 / (255 * torch.tensor(std, device=self.device))).view(1, c, 1, 1)
-        self._shift = (-torch.tensor(mean, device=self.device) / torch.tensor(std, device=self.device)).view(
-            1, c, 1, 1
-        )
+        self._shift = (-torch.tensor(mean, device=self.device) / torch.tensor(std, device=self.device)).view(1, c, 1, 1)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -434,8 +439,15 @@ def get_cifar_loaders(
         x_train, y_train = x_train[keep], y_train[keep]
     common = dict(mean=spec.mean, std=spec.std, device=device, channels_last=channels_last)
     train = CifarLoader(
-        x_train, y_train, batch_size, train=True, aug=aug, seed=seed,
-        num_shards=num_shards, shard=shard, **common,
+        x_train,
+        y_train,
+        batch_size,
+        train=True,
+        aug=aug,
+        seed=seed,
+        num_shards=num_shards,
+        shard=shard,
+        **common,
     )
     test = CifarLoader(x_test, y_test, test_batch_size or max(batch_size, 500), train=False, **common)
     return train, test

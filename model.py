@@ -1,8 +1,8 @@
 """Model registry, checkpoints that rebuild their own model, parameter/FLOP counts.
 
-    model = create_model("vgg8", num_classes=10, width=0.25)
-    save_checkpoint("runs/x/checkpoint.pt", model, config=cfg, metrics=history)
-    model, ckpt = load_checkpoint("runs/x")      # the name and sizes come from the file
+model = create_model("vgg8", num_classes=10, width=0.25)
+save_checkpoint("runs/x/checkpoint.pt", model, config=cfg, metrics=history)
+model, ckpt = load_checkpoint("runs/x")      # the name and sizes come from the file
 """
 
 from __future__ import annotations
@@ -17,24 +17,6 @@ from torch import nn
 
 import vgg
 
-MODELS: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_model(name: str):
-    """Decorator adding a builder ``fn(num_classes=..., width=...) -> nn.Module`` to the registry."""
-
-    def add(fn):
-        if name in MODELS:
-            raise ValueError(f"model {name!r} is already registered")
-        MODELS[name] = fn
-        return fn
-
-    return add
-
-
-for _name in vgg.STAGES:
-    register_model(_name)(getattr(vgg, _name))
-
 
 class UnknownNameError(KeyError):
     """A KeyError whose message prints as written (KeyError would quote it)."""
@@ -43,15 +25,49 @@ class UnknownNameError(KeyError):
         return str(self.args[0])
 
 
+class Registry(dict):
+    """Name -> builder, filled by a decorator; a lookup miss lists what is registered."""
+
+    def __init__(self, kind: str, on_miss: Callable[[], None] | None = None):
+        super().__init__()
+        self.kind = kind
+        self.on_miss = on_miss  # e.g. import modules that register more entries
+
+    def register(self, name: str):
+        def add(fn):
+            if name in self:
+                raise ValueError(f"{self.kind} {name!r} is already registered")
+            self[name] = fn
+            return fn
+
+        return add
+
+    def names(self) -> list[str]:
+        if self.on_miss:
+            self.on_miss()
+        return list(self)
+
+    def get(self, name: str):
+        if name not in self and self.on_miss:
+            self.on_miss()
+        if name not in self:
+            raise UnknownNameError(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names())}")
+        return self[name]
+
+
+MODELS = Registry("model")
+register_model = MODELS.register  # decorator: @register_model("name") on fn(num_classes=..., width=...)
+for _name in vgg.STAGES:
+    register_model(_name)(getattr(vgg, _name))
+
+
 def list_models() -> list[str]:
-    return list(MODELS)
+    return MODELS.names()
 
 
 def create_model(name: str, num_classes: int = 100, width: float = 1.0, **kwargs) -> nn.Module:
     """Build a registered model; it remembers how (``model.arch``) so checkpoints can rebuild it."""
-    if name not in MODELS:
-        raise UnknownNameError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
-    model = MODELS[name](num_classes=num_classes, width=width, **kwargs)
+    model = MODELS.get(name)(num_classes=num_classes, width=width, **kwargs)
     model.arch = {"name": name, "num_classes": num_classes, "width": width, **kwargs}
     return model
 

@@ -91,22 +91,56 @@ class Config:
 PROFILES: dict[str, dict] = {
     # seconds: generated data, tiny widths; used by the tests and notebook smoke runs
     "smoke": dict(
-        synthetic=True, data_dir="./data/synthetic", model="vgg8", width=0.0625,
-        teacher_model="vgg11", teacher_width=0.125, teacher_epochs=3, epochs=2,
-        batch_size=64, nesterov=True, schedule="cosine", milestones=[], n_seeds=1,
+        synthetic=True,
+        data_dir="./data/synthetic",
+        model="vgg8",
+        width=0.0625,
+        teacher_model="vgg11",
+        teacher_width=0.125,
+        teacher_epochs=3,
+        epochs=2,
+        batch_size=64,
+        nesterov=True,
+        schedule="cosine",
+        milestones=[],
+        n_seeds=1,
     ),
     # this machine: real CIFAR-10, reduced widths, students on a 1000/class subset
     "cpu": dict(
-        dataset="cifar10", model="vgg8", width=0.125, teacher_model="vgg13",
-        teacher_width=0.25, teacher_epochs=30, epochs=30, subset=1000, batch_size=128,
-        lr=0.05, nesterov=True, schedule="cosine", milestones=[], n_seeds=3,
+        dataset="cifar10",
+        model="vgg8",
+        width=0.125,
+        teacher_model="vgg13",
+        teacher_width=0.25,
+        teacher_epochs=30,
+        epochs=30,
+        subset=1000,
+        batch_size=128,
+        lr=0.05,
+        nesterov=True,
+        schedule="cosine",
+        milestones=[],
+        n_seeds=3,
     ),
     # the standard CIFAR-100 KD recipe (Tian et al. 2020): VGG13 -> VGG8, 240 epochs
     "paper": dict(
-        dataset="cifar100", download=True, model="vgg8", width=1.0, teacher_model="vgg13",
-        teacher_width=1.0, teacher_epochs=240, epochs=240, batch_size=64, lr=0.05,
-        momentum=0.9, weight_decay=5e-4, schedule="multistep", milestones=[150, 180, 210],
-        T=4.0, alpha=0.9, n_seeds=3,
+        dataset="cifar100",
+        download=True,
+        model="vgg8",
+        width=1.0,
+        teacher_model="vgg13",
+        teacher_width=1.0,
+        teacher_epochs=240,
+        epochs=240,
+        batch_size=64,
+        lr=0.05,
+        momentum=0.9,
+        weight_decay=5e-4,
+        schedule="multistep",
+        milestones=[150, 180, 210],
+        T=4.0,
+        alpha=0.9,
+        n_seeds=3,
     ),
 }
 
@@ -170,8 +204,12 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
             kwargs["choices"] = CHOICES[f.name]
         if f.name == "profile":
             kwargs["choices"] = sorted(PROFILES)
-        parser.add_argument(*flags, dest=f.name, help=f"(default from the profile: {f.default!r})"
-                            if not isinstance(f.default, list) else None, **kwargs)
+        parser.add_argument(
+            *flags,
+            dest=f.name,
+            help=f"(default from the profile: {f.default!r})" if not isinstance(f.default, list) else None,
+            **kwargs,
+        )
     return parser
 
 
@@ -184,8 +222,16 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 # Fields that do not change what a run computes, so they stay out of its identity.
 NOT_IN_IDENTITY = {
-    "profile", "out_dir", "name", "device", "data_dir", "download", "n_seeds",
-    "teacher_model", "teacher_width", "teacher_epochs",
+    "profile",
+    "out_dir",
+    "name",
+    "device",
+    "data_dir",
+    "download",
+    "n_seeds",
+    "teacher_model",
+    "teacher_width",
+    "teacher_epochs",
 }
 
 
@@ -243,6 +289,17 @@ class Vanilla(nn.Module):
     def forward(self, x, y):
         logits = self.student(x)
         return logits, {"ce": F.cross_entropy(logits, y)}
+
+
+def set_seed(seed: int) -> None:
+    """Seed every generator a run may touch (the data stream has its own, see data_utils)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
 
 
 def resolve_device(name: str) -> torch.device:
@@ -336,9 +393,7 @@ def _resume(task, optimizer, scheduler, run_dir: str, cfg: Config) -> tuple[int,
     ckpt = read_checkpoint(path)
     saved = ckpt.get("config") or {}
     if run_identity(Config(**saved)) != run_identity(cfg):
-        raise RuntimeError(
-            f"{run_dir} holds a run with a different config; pick another --name or delete the folder"
-        )
+        raise RuntimeError(f"{run_dir} holds a run with a different config; pick another --name or delete the folder")
     state = ckpt["train_state"]
     task.load_state_dict(state["task"])
     optimizer.load_state_dict(state["optimizer"])
@@ -356,8 +411,12 @@ def _save(task, optimizer, scheduler, run_dir, cfg, history, epoch) -> None:
         "rng": torch.get_rng_state(),
     }
     save_checkpoint(
-        os.path.join(run_dir, "checkpoint.pt"), task.student, config=cfg, metrics=history,
-        epoch=epoch, train_state=train_state,
+        os.path.join(run_dir, "checkpoint.pt"),
+        task.student,
+        config=cfg,
+        metrics=history,
+        epoch=epoch,
+        train_state=train_state,
     )
 
 
@@ -442,9 +501,14 @@ def make_loaders(cfg: Config):
     prepare_data(cfg)
     device = resolve_device(cfg.device)
     return data_utils.get_cifar_loaders(
-        cfg.dataset, cfg.batch_size, cfg.data_dir, device=device,
-        subset_per_class=cfg.subset or None, aug={"crop_pad": cfg.crop_pad, "flip": cfg.flip},
-        seed=cfg.data_seed, channels_last=cfg.channels_last,
+        cfg.dataset,
+        cfg.batch_size,
+        cfg.data_dir,
+        device=device,
+        subset_per_class=cfg.subset or None,
+        aug={"crop_pad": cfg.crop_pad, "flip": cfg.flip},
+        seed=cfg.data_seed,
+        channels_last=cfg.channels_last,
     )
 
 
@@ -471,7 +535,7 @@ def train(cfg: Config, make_task: Callable[[Config, nn.Module], nn.Module] | Non
         return done
     train_loader, test_loader = make_loaders(cfg)
     num_classes = data_utils.DATASETS[cfg.dataset].num_classes
-    torch.manual_seed(cfg.seed)
+    set_seed(cfg.seed)
     student = create_model(cfg.model, num_classes=num_classes, width=cfg.width)
     task = make_task(cfg, student) if make_task else Vanilla(student)
     history = fit(task, train_loader, test_loader, cfg, run_dir)
@@ -483,10 +547,17 @@ def summarize(history: pd.DataFrame) -> dict:
     best = history.loc[history["test_top1"].idxmax()]
     last = history.iloc[-1]
     return {
-        "last_top1": last["test_top1"], "last_top5": last["test_top5"],
-        "best_top1": best["test_top1"], "best_epoch": int(best["epoch"]),
+        "last_top1": last["test_top1"],
+        "last_top5": last["test_top5"],
+        "best_top1": best["test_top1"],
+        "best_epoch": int(best["epoch"]),
         "train_seconds": history["seconds"].sum(),
     }
+
+
+def print_result(result: RunResult) -> None:
+    print(f"\nrun folder: {result.run_dir}")
+    print(pd.DataFrame([summarize(result.history)]).round(2).to_string(index=False))
 
 
 def main(argv=None) -> RunResult:
@@ -495,8 +566,7 @@ def main(argv=None) -> RunResult:
     if cfg.method != "ce":
         parser.error(f"train_eval.py trains with cross-entropy only; use train_kd.py for --method {cfg.method}")
     result = train(cfg)
-    print(f"\nrun folder: {result.run_dir}")
-    print(pd.DataFrame([summarize(result.history)]).round(2).to_string(index=False))
+    print_result(result)
     return result
 
 

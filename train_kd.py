@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
 from dataclasses import replace
 
 import pandas as pd
@@ -20,12 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import data_utils
-from model import UnknownNameError, count_flops, count_params, load_checkpoint
+from model import Registry, count_flops, count_params, load_checkpoint
 from train_eval import (
     Config,
     RunResult,
     build_parser,
     config_from_args,
+    print_result,
     summarize,
     train,
 )
@@ -126,24 +126,7 @@ class Distiller(nn.Module):
 
 # ----------------------------------------------------------------------------- method registry
 
-# name -> builder(cfg, student, teacher) returning a loss module
-METHODS: dict[str, Callable[[Config, nn.Module, nn.Module], nn.Module]] = {}
 PLUGIN_MODULES = ("feature_kd",)  # modules that register further methods when imported
-
-
-def register_method(name: str):
-    def add(builder):
-        if name in METHODS:
-            raise ValueError(f"method {name!r} is already registered")
-        METHODS[name] = builder
-        return builder
-
-    return add
-
-
-@register_method("kd")
-def _build_kd(cfg: Config, student: nn.Module, teacher: nn.Module) -> nn.Module:
-    return KDLoss(T=cfg.T, alpha=cfg.alpha)
 
 
 def _load_plugins() -> None:
@@ -157,17 +140,16 @@ def _load_plugins() -> None:
                 raise
 
 
-def list_methods() -> list[str]:
-    _load_plugins()
-    return sorted(METHODS)
+# name -> builder(cfg, student, teacher) returning a loss module
+METHODS = Registry("distillation method", on_miss=_load_plugins)
+register_method = METHODS.register
+get_method = METHODS.get
+list_methods = METHODS.names
 
 
-def get_method(name: str):
-    if name not in METHODS:
-        _load_plugins()
-    if name not in METHODS:
-        raise UnknownNameError(f"unknown distillation method {name!r}; registered: {', '.join(list_methods())}")
-    return METHODS[name]
+@register_method("kd")
+def _build_kd(cfg: Config, student: nn.Module, teacher: nn.Module) -> nn.Module:
+    return KDLoss(T=cfg.T, alpha=cfg.alpha)
 
 
 def load_teacher(path: str, cfg: Config) -> nn.Module:
@@ -177,9 +159,7 @@ def load_teacher(path: str, cfg: Config) -> nn.Module:
     teacher, ckpt = load_checkpoint(path)
     num_classes = data_utils.DATASETS[cfg.dataset].num_classes
     if teacher.num_classes != num_classes:
-        raise ValueError(
-            f"teacher at {path} has {teacher.num_classes} classes but {cfg.dataset} has {num_classes}"
-        )
+        raise ValueError(f"teacher at {path} has {teacher.num_classes} classes but {cfg.dataset} has {num_classes}")
     return teacher
 
 
@@ -203,8 +183,16 @@ def distill(cfg: Config) -> RunResult:
 def teacher_config(cfg: Config) -> Config:
     """The demo's teacher: ``teacher_*`` fields, cross-entropy, the whole training split."""
     return replace(
-        cfg, model=cfg.teacher_model, width=cfg.teacher_width, epochs=cfg.teacher_epochs,
-        subset=0, method="ce", teacher="", seed=0, data_seed=0, name="",
+        cfg,
+        model=cfg.teacher_model,
+        width=cfg.teacher_width,
+        epochs=cfg.teacher_epochs,
+        subset=0,
+        method="ce",
+        teacher="",
+        seed=0,
+        data_seed=0,
+        name="",
     )
 
 
@@ -249,22 +237,25 @@ def run_demo(cfg: Config) -> pd.DataFrame:
     teacher = train(teacher_config(cfg))
     seeds = range(cfg.seed, cfg.seed + cfg.n_seeds)
     independent = [train(replace(cfg, method="ce", teacher="", seed=s, data_seed=s)) for s in seeds]
-    kd = [
-        distill(replace(cfg, method="kd", teacher=teacher.run_dir, seed=s, data_seed=s)) for s in seeds
-    ]
+    kd = [distill(replace(cfg, method="kd", teacher=teacher.run_dir, seed=s, data_seed=s)) for s in seeds]
     table = pd.DataFrame([_row("teacher", [teacher]), _row("independent", independent), _row("kd", kd)])
     out = os.path.join(cfg.out_dir, f"demo-{cfg.profile}")
     os.makedirs(out, exist_ok=True)
     table.to_csv(os.path.join(out, "results.csv"), index=False)
-    plot_curves({"independent": independent, f"KD (T={cfg.T:g}, α={cfg.alpha:g})": kd}, teacher,
-                os.path.join(out, "curves.png"))
+    plot_curves(
+        {"independent": independent, f"KD (T={cfg.T:g}, α={cfg.alpha:g})": kd}, teacher, os.path.join(out, "curves.png")
+    )
     return table
 
 
 def main(argv=None):
     parser = build_parser("Distill a student from a trained teacher (or run the demo with --demo).")
-    parser.add_argument("--demo", action="store_true", default=False,
-                        help="train teacher, independent and KD students; print a comparison table")
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        default=False,
+        help="train teacher, independent and KD students; print a comparison table",
+    )
     args = parser.parse_args(argv)
     demo = args.demo
     del args.demo
@@ -280,8 +271,7 @@ def main(argv=None):
     if cfg.method != "ce" and not cfg.teacher:
         parser.error("--teacher RUN_OR_CHECKPOINT is required for distillation")
     result = distill(cfg)
-    print(f"\nrun folder: {result.run_dir}")
-    print(pd.DataFrame([summarize(result.history)]).round(2).to_string(index=False))
+    print_result(result)
     return result
 
 

@@ -13,7 +13,8 @@ from data_utils import CifarLoader, apply_views, get_cifar10_loaders, get_cifar1
 
 def test_cifar10_layout_round_trip(synthetic_dir):
     folder = os.path.join(synthetic_dir, "cifar-10-batches-py")
-    assert sorted(os.listdir(folder)) == sorted([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"])
+    expected = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+    assert sorted(os.listdir(folder)) == sorted(expected)
     with open(os.path.join(folder, "data_batch_1"), "rb") as f:
         batch = pickle.load(f, encoding="latin1")
     assert batch["data"].dtype.name == "uint8" and batch["data"].shape[1] == 3072

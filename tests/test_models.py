@@ -38,7 +38,7 @@ def test_every_parameter_gets_a_gradient(name):
 
 def test_vgg8_parameter_count_by_hand():
     channels = [3, 64, 128, 256, 512, 512]
-    conv = sum(c_in * c_out * 9 + c_out for c_in, c_out in zip(channels, channels[1:]))
+    conv = sum(c_in * c_out * 9 + c_out for c_in, c_out in zip(channels[:-1], channels[1:], strict=True))
     bn = sum(2 * c for c in channels[1:])
     head = 512 * 100 + 100
     assert count_params(vgg.vgg8(num_classes=100)) == conv + bn + head  # 3.96 M
@@ -57,5 +57,5 @@ def test_flops_grow_with_depth_and_width():
 
 
 def test_unknown_model_lists_valid_names():
-    with pytest.raises(KeyError, match="vgg8, vgg11, vgg13, vgg16, vgg19"):
+    with pytest.raises(KeyError, match="registered: vgg8, vgg11, vgg13, vgg16, vgg19"):
         create_model("resnet18")
