@@ -13,6 +13,7 @@ resumed run, or a second student, sees exactly the same batches.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 from dataclasses import dataclass
@@ -368,6 +369,7 @@ class CifarLoader:
         self.seed = seed
         self.drop_last = train if drop_last is None else drop_last
         self.channels_last = channels_last
+        self.mean, self.std = tuple(mean), tuple(std)
         self.num_shards, self.shard = num_shards, shard
         self.epoch = 0
         c = images.shape[1]
@@ -403,15 +405,34 @@ class CifarLoader:
         x = images.float() * self._scale + self._shift  # (B, C, H, W) float32
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def __iter__(self):
-        order, views = self.epoch_plan()
+    def batches(self, epoch: int | None = None, drop_last: bool | None = None):
+        """The batches of an epoch (default: the current one), in the epoch plan's order."""
+        order, views = self.epoch_plan(epoch)
         order = order.to(self.device)
-        for i in range(len(self)):
-            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+        drop_last = self.drop_last if drop_last is None else drop_last
+        n, bs = len(order), self.batch_size
+        for i in range(n // bs if drop_last else -(-n // bs)):
+            idx = order[i * bs : (i + 1) * bs]
             x = self.images[idx]  # (B, C, H, W) uint8
             if views is not None:
-                x = apply_views(x, views[i * self.batch_size : (i + 1) * self.batch_size], self.aug["crop_pad"])
+                x = apply_views(x, views[i * bs : (i + 1) * bs], self.aug["crop_pad"])
             yield self.normalise(x), self.labels[idx]
+
+    def __iter__(self):
+        return self.batches()
+
+    def fingerprint(self) -> dict:
+        """What decides this loader's stream: content hash of the data, augmentation, seed, shard."""
+        digest = hashlib.sha1(self.images.cpu().numpy().tobytes())
+        digest.update(self.labels.cpu().numpy().tobytes())
+        return {
+            "data": digest.hexdigest(),
+            "normalise": [self.mean, self.std],
+            "aug": self.aug,
+            "train": self.train,
+            "seed": self.seed,
+            "shard": [self.shard, self.num_shards],
+        }
 
 
 def get_cifar_loaders(

@@ -82,6 +82,9 @@ class Config:
     teacher_width: float = 1.0
     teacher_epochs: int = 240
     n_seeds: int = 1
+    # teacher-output reuse (train_kd.py): logits stored once per epoch stream, read back by every student
+    teacher_cache: bool = False  # logit-only methods; methods that need teacher features run it online
+    cache_dtype: str = "float16"  # float16 | float32 storage of the cached logits
     # speed
     channels_last: bool = True  # faster convolutions on CPU (oneDNN) and on CUDA
     amp: str = "auto"  # bf16 autocast: auto (on for CUDA only) | bf16 | off
@@ -149,6 +152,7 @@ CHOICES = {
     "optimizer": ["sgd", "adam"],
     "schedule": ["multistep", "cosine", "constant"],
     "amp": ["auto", "bf16", "off"],
+    "cache_dtype": ["float16", "float32"],
 }
 
 
@@ -286,7 +290,7 @@ class Vanilla(nn.Module):
         super().__init__()
         self.student = student
 
-    def forward(self, x, y):
+    def forward(self, x, y, *extra):
         logits = self.student(x)
         return logits, {"ce": F.cross_entropy(logits, y)}
 
@@ -302,9 +306,29 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+def distributed() -> tuple[int, int]:
+    """``(rank, world_size)``; under torchrun, joins the process group on first call."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def is_main_process() -> bool:
+    return distributed()[0] == 0
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(name)
 
 
@@ -365,10 +389,11 @@ def train_one_epoch(task, step, loader, optimizer, device, amp: bool) -> dict:
     sums: dict[str, torch.Tensor] = {}
     correct = torch.zeros((), device=device)
     n, t0 = 0, time.perf_counter()
-    for x, y in loader:
+    for x, y, *extra in loader:  # extra: e.g. cached teacher logits for these exact views
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        extra = [e.to(device, non_blocking=True) for e in extra]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits, terms = step(x, y)
+            logits, terms = step(x, y, *extra)
         loss = sum(terms.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -379,11 +404,45 @@ def train_one_epoch(task, step, loader, optimizer, device, amp: bool) -> dict:
         n += len(y)
     if n == 0:
         raise ValueError("the training loader yielded no batch; lower batch_size or use more data")
+    names = list(sums)
+    totals = _sum_over_ranks(torch.stack([*(sums[k] for k in names), correct.float(), torch.tensor(float(n))]))
+    n = totals[-1].item()
     seconds = time.perf_counter() - t0
-    row = {f"train_{k}": (v / n).item() for k, v in sums.items()}
-    row["train_top1"] = 100 * correct.item() / n
-    row["train_images_per_s"] = n / seconds
+    row = {f"train_{k}": (v / n).item() for k, v in zip(names, totals, strict=False)}
+    row["train_top1"] = 100 * totals[-2].item() / n
+    row["train_images_per_s"] = n / seconds  # all processes together
     return row
+
+
+def _average_buffers(module: nn.Module) -> None:
+    """Average BN running statistics over ranks: DDP syncs them only at the start of a forward,
+    so each rank's last batch leaves them slightly different."""
+    world = distributed()[1]
+    if world == 1:
+        return
+    import torch.distributed as dist
+
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer)
+            buffer.div_(world)
+
+
+def _barrier() -> None:
+    if distributed()[1] > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    if distributed()[1] == 1:
+        return values
+    import torch.distributed as dist
+
+    values = values.clone()
+    dist.all_reduce(values)
+    return values
 
 
 def _resume(task, optimizer, scheduler, run_dir: str, cfg: Config) -> tuple[int, list]:
@@ -420,10 +479,20 @@ def _save(task, optimizer, scheduler, run_dir, cfg, history, epoch) -> None:
     )
 
 
+def _wrap_for_training(task: nn.Module, device: torch.device, cfg: Config, world: int) -> nn.Module:
+    """What the loop calls: the task itself, or DDP around it (several processes), compiled or not."""
+    step = task
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        step = DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(step) if cfg.compile else step
+
+
 def _progress(total: int, desc: str, initial: int):
     from tqdm.auto import tqdm
 
-    disable = os.environ.get("KD_PROGRESS", "1") == "0"
+    disable = os.environ.get("KD_PROGRESS", "1") == "0" or not is_main_process()
     return tqdm(total=total, desc=desc, initial=initial, unit="epoch", disable=disable, leave=True)
 
 
@@ -443,7 +512,11 @@ def fit(
     ``callbacks`` are called as ``cb(epoch, row)`` after each epoch's checkpoint.
     """
     device = resolve_device(cfg.device)
-    task = _as_task(module).to(device)
+    task = _as_task(module)
+    world = distributed()[1]
+    if world > 1 and device.type == "cuda":  # SyncBatchNorm has no CPU kernels
+        task = nn.SyncBatchNorm.convert_sync_batchnorm(task)
+    task.to(device)
     if cfg.channels_last:
         task.to(memory_format=torch.channels_last)
     amp = amp_enabled(cfg, device)
@@ -451,10 +524,11 @@ def fit(
     scheduler = build_scheduler(optimizer, cfg)
     start, history = 0, []
     if run_dir:
-        os.makedirs(run_dir, exist_ok=True)
-        atomic_write_text(os.path.join(run_dir, "config.json"), json.dumps(asdict(cfg), indent=2))
+        if is_main_process():
+            os.makedirs(run_dir, exist_ok=True)
+            atomic_write_text(os.path.join(run_dir, "config.json"), json.dumps(asdict(cfg), indent=2))
         start, history = _resume(task, optimizer, scheduler, run_dir, cfg)
-    step = torch.compile(task) if cfg.compile else task
+    step = _wrap_for_training(task, device, cfg, world)
     bar = _progress(cfg.epochs, run_name(cfg) if run_dir else "train", start)
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
@@ -462,18 +536,20 @@ def fit(
         lr = optimizer.param_groups[0]["lr"]
         row = {"epoch": epoch + 1, "lr": lr}
         row.update(train_one_epoch(task, step, train_loader, optimizer, device, amp))
+        _average_buffers(task)
         test = evaluate(task.student, test_loader, amp)
         row.update({f"test_{k}": v for k, v in test.items()})
         row["seconds"] = time.perf_counter() - t0
         scheduler.step()
         history.append(row)
-        if run_dir:
+        if run_dir and is_main_process():  # one writer; every rank holds the same weights
             _save(task, optimizer, scheduler, run_dir, cfg, history, epoch + 1)
         bar.update(1)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", test_top1=f"{row['test_top1']:.2f}")
         for cb in callbacks:
             cb(epoch, row)
     bar.close()
+    _barrier()  # the last checkpoint exists for every process once fit returns
     return pd.DataFrame(history)
 
 
@@ -498,7 +574,11 @@ def prepare_data(cfg: Config) -> None:
 
 
 def make_loaders(cfg: Config):
-    prepare_data(cfg)
+    """Training loader (this process's shard under torchrun) and the whole test set."""
+    rank, world = distributed()
+    if is_main_process():
+        prepare_data(cfg)
+    _barrier()
     device = resolve_device(cfg.device)
     return data_utils.get_cifar_loaders(
         cfg.dataset,
@@ -509,6 +589,8 @@ def make_loaders(cfg: Config):
         aug={"crop_pad": cfg.crop_pad, "flip": cfg.flip},
         seed=cfg.data_seed,
         channels_last=cfg.channels_last,
+        num_shards=world,
+        shard=rank,
     )
 
 
@@ -523,21 +605,28 @@ def finished_run(run_dir: str, cfg: Config) -> RunResult | None:
     return RunResult(model, pd.DataFrame(ckpt["metrics"]), run_dir, cfg)
 
 
-def train(cfg: Config, make_task: Callable[[Config, nn.Module], nn.Module] | None = None) -> RunResult:
+def train(
+    cfg: Config,
+    make_task: Callable[[Config, nn.Module], nn.Module] | None = None,
+    wrap_loader: Callable[[nn.Module, object, Config], object] | None = None,
+) -> RunResult:
     """Train (or reuse, or resume) the run ``cfg`` describes.
 
     ``make_task(cfg, student)`` wraps the freshly built student for the loop (a Distiller,
-    say); plain cross-entropy training when it is None.
+    say); plain cross-entropy training when it is None. ``wrap_loader(task, loader, cfg)``
+    may replace the training stream (e.g. to add cached teacher outputs to each batch).
     """
     run_dir = run_dir_for(cfg)
     done = finished_run(run_dir, cfg)
     if done is not None:
         return done
-    train_loader, test_loader = make_loaders(cfg)
     num_classes = data_utils.DATASETS[cfg.dataset].num_classes
     set_seed(cfg.seed)
     student = create_model(cfg.model, num_classes=num_classes, width=cfg.width)
     task = make_task(cfg, student) if make_task else Vanilla(student)
+    train_loader, test_loader = make_loaders(cfg)  # draws from its own generators, not the seed above
+    if wrap_loader:
+        train_loader = wrap_loader(task, train_loader, cfg)
     history = fit(task, train_loader, test_loader, cfg, run_dir)
     return RunResult(task.student.cpu(), history, run_dir, cfg)
 
@@ -556,6 +645,8 @@ def summarize(history: pd.DataFrame) -> dict:
 
 
 def print_result(result: RunResult) -> None:
+    if not is_main_process():
+        return
     print(f"\nrun folder: {result.run_dir}")
     print(pd.DataFrame([summarize(result.history)]).round(2).to_string(index=False))
 

@@ -9,6 +9,8 @@ that returns named terms; ``register_method`` adds one without touching the trai
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 from dataclasses import replace
@@ -19,13 +21,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import data_utils
-from model import Registry, count_flops, count_params, load_checkpoint
+from model import Registry, atomic_save, count_flops, count_params, load_checkpoint
 from train_eval import (
     Config,
     RunResult,
+    amp_enabled,
     build_parser,
     config_from_args,
+    is_main_process,
     print_result,
+    resolve_device,
     summarize,
     train,
 )
@@ -113,15 +118,97 @@ class Distiller(nn.Module):
         self.teacher = FrozenTeacher(teacher)
         self.loss = loss
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor):
-        if getattr(self.loss, "needs_features", False):
+    @property
+    def needs_features(self) -> bool:
+        return getattr(self.loss, "needs_features", False)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None = None):
+        """``teacher_logits``: the teacher's outputs for exactly these views, if cached."""
+        if self.needs_features:
             logits_s, feats_s = self.student(x, features=True)
             logits_t, feats_t = self.teacher(x, features=True)
         else:
             logits_s, feats_s = self.student(x), None
-            logits_t, feats_t = self.teacher(x), None
+            logits_t = teacher_logits if teacher_logits is not None else self.teacher(x)
+            feats_t = None
         terms = self.loss(logits_s, logits_t, y, s_feats=feats_s, t_feats=feats_t)
         return logits_s, terms
+
+
+# ----------------------------------------------------------------------------- teacher-output reuse
+
+
+def weights_digest(model: nn.Module) -> str:
+    """Content hash of a model's weights and buffers: the teacher part of a cache key."""
+    digest = hashlib.sha1()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class CachedTeacherLoader:
+    """The training stream plus the teacher's logits for exactly its views: ``(x, y, logits)``.
+
+    The idea of FKD (Shen & Xing, ECCV 2022) on CIFAR: an epoch's stream (order, crops,
+    flips) is a pure function of the loader's seed and the epoch, so the teacher's outputs
+    on it can be computed once, stored (``cache_dir/<key>/epoch_NNNN.pt``, an ``(n, K)``
+    tensor in plan order) and read by every later student on the same stream. The key
+    hashes the teacher's weights, the data's content, normalisation, augmentation, stream
+    seed, shard, precision and storage dtype: change any of them and the logits are
+    recomputed, never reused.
+    """
+
+    def __init__(self, loader, teacher: FrozenTeacher, cache_dir: str, amp: bool = False, dtype=torch.float16):
+        self.loader, self.teacher, self.amp, self.dtype = loader, teacher, amp, dtype
+        key = {
+            "teacher": weights_digest(teacher.net),
+            "stream": loader.fingerprint(),
+            "amp": amp,
+            "dtype": str(dtype),
+        }
+        self.key = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        self.dir = os.path.join(cache_dir, self.key)
+        self.computed = 0  # epochs whose logits this object had to compute (for tests, reports)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    @torch.no_grad()
+    def _compute(self, epoch: int) -> torch.Tensor:
+        device = self.loader.device
+        self.teacher.to(device)
+        outputs = []
+        for x, _ in self.loader.batches(epoch, drop_last=False):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.amp):
+                outputs.append(self.teacher(x).float().to(self.dtype).cpu())  # (B, K)
+        self.computed += 1
+        return torch.cat(outputs)  # (n, K) in plan order
+
+    def epoch_logits(self, epoch: int) -> torch.Tensor:
+        path = os.path.join(self.dir, f"epoch_{epoch:04d}.pt")
+        if os.path.isfile(path):
+            return torch.load(path, map_location="cpu")
+        logits = self._compute(epoch)
+        atomic_save(logits, path)
+        return logits
+
+    def __iter__(self):
+        logits = self.epoch_logits(self.loader.epoch).to(self.loader.device)
+        bs = self.loader.batch_size
+        for i, (x, y) in enumerate(self.loader):
+            yield x, y, logits[i * bs : i * bs + len(y)].float()  # (B, K)
+
+
+def _use_teacher_cache(task: Distiller, loader, cfg: Config):
+    if task.needs_features:
+        return loader  # feature methods need the teacher's activations: it runs online
+    dtype = getattr(torch, cfg.cache_dtype)
+    amp = amp_enabled(cfg, resolve_device(cfg.device))
+    return CachedTeacherLoader(loader, task.teacher, os.path.join(cfg.out_dir, "teacher_cache"), amp, dtype)
 
 
 # ----------------------------------------------------------------------------- method registry
@@ -174,7 +261,8 @@ def distill(cfg: Config) -> RunResult:
     if cfg.method == "ce":
         return train(cfg)
     get_method(cfg.method)  # fail on a bad name before any data is read
-    return train(cfg, make_task=build_distiller)
+    wrap = _use_teacher_cache if cfg.teacher_cache else None
+    return train(cfg, make_task=build_distiller, wrap_loader=wrap)
 
 
 # ----------------------------------------------------------------------------- the demo
@@ -240,6 +328,8 @@ def run_demo(cfg: Config) -> pd.DataFrame:
     kd = [distill(replace(cfg, method="kd", teacher=teacher.run_dir, seed=s, data_seed=s)) for s in seeds]
     table = pd.DataFrame([_row("teacher", [teacher]), _row("independent", independent), _row("kd", kd)])
     out = os.path.join(cfg.out_dir, f"demo-{cfg.profile}")
+    if not is_main_process():
+        return table
     os.makedirs(out, exist_ok=True)
     table.to_csv(os.path.join(out, "results.csv"), index=False)
     plot_curves(
@@ -264,6 +354,8 @@ def main(argv=None):
     cfg = config_from_args(args)
     if demo:
         table = run_demo(cfg)
+        if not is_main_process():
+            return table
         out = os.path.join(cfg.out_dir, f"demo-{cfg.profile}")
         print(f"\nresults: {out}/results.csv, plot: {out}/curves.png")
         print(table.round(2).to_string(index=False))
