@@ -1,0 +1,386 @@
+"""Speed of this project's training pipeline, as ratios measured side by side in one process.
+
+    python benchmarks/bench.py                 # full run (about 10 minutes on 2 cores), writes benchmarks/results.json
+    python benchmarks/bench.py --quick         # tiny sizes, seconds: checks the script itself
+
+Every figure is the median of ``--repeats`` interleaved repeats (case A, B, C, A, B, C, ...),
+so slow drifts of the machine hit all cases alike; ratios, not absolute times, are the result.
+Sections: matmul peak; data pipeline (torchvision DataLoader + PIL vs ``CifarLoader``); end to
+end for the smallest ``cpu``-profile student; achieved FLOP/s of training steps; KD step cost
+(online teacher, cached teacher logits); bf16 autocast speed, with an optional accuracy-parity
+check (``--parity``: short real-data runs, 3 seeds each, fp32 vs bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import data_utils  # noqa: E402
+from model import create_model  # noqa: E402
+from train_eval import build_optimizer, make_config, summarize, train  # noqa: E402
+from train_kd import Distiller, KDLoss  # noqa: E402
+
+MEAN, STD = data_utils.CIFAR10_MEAN, data_utils.CIFAR10_STD
+
+
+def interleaved(cases: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each case over ``repeats`` rounds, cases alternating within a round."""
+    for fn in cases.values():  # warm-up: allocator, oneDNN primitive caches, worker start
+        fn()
+    times = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_images(data_dir: str, n: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    try:
+        x, y = data_utils.load_cifar("cifar10", data_dir, train=True)
+        return x[:n], y[:n], "real CIFAR-10"
+    except FileNotFoundError:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen)
+        return x, torch.randint(0, 10, (n,), generator=gen), "random uint8 images"
+
+
+class PILCifar(torch.utils.data.Dataset):
+    """The usual pipeline: one PIL image per sample through torchvision transforms."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        from torchvision import transforms as T
+
+        self.images = images.permute(0, 2, 3, 1).numpy()  # (N, H, W, C) as torchvision's CIFAR10 keeps it
+        self.labels = labels.tolist()
+        self.transform = T.Compose(
+            [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)]
+        )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
+
+
+def pil_loader(images, labels, batch_size: int, workers: int):
+    return torch.utils.data.DataLoader(
+        PILCifar(images, labels),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
+        persistent_workers=workers > 0,
+    )
+
+
+def cycle(loader):
+    """Batches forever: a fresh pass whenever one ends."""
+    while True:
+        yield from loader
+
+
+def draw(loader, batches: int):
+    """A function that pulls ``batches`` batches from a fresh pass over ``loader``."""
+
+    def run():
+        it = cycle(loader)
+        for _ in range(batches):
+            next(it)
+
+    return run
+
+
+def bench_data(images, labels, args) -> dict:
+    bs = args.batch
+    ours = data_utils.CifarLoader(images, labels, bs, mean=MEAN, std=STD, train=True, aug={"crop_pad": 4, "flip": True})
+    pil_batches, our_batches = args.pil_batches, args.pil_batches * 8
+    cases = {
+        "pil_workers0": draw(pil_loader(images, labels, bs, 0), pil_batches),
+        "pil_workers2": draw(pil_loader(images, labels, bs, 2), pil_batches),
+        "cifar_loader": draw(ours, our_batches),
+    }
+    sec = interleaved(cases, args.repeats)
+    ips = {
+        "pil_workers0": pil_batches * bs / sec["pil_workers0"],
+        "pil_workers2": pil_batches * bs / sec["pil_workers2"],
+        "cifar_loader": our_batches * bs / sec["cifar_loader"],
+    }
+    return {"images_per_s": ips, "ratio_vs_pil_workers0": ips["cifar_loader"] / ips["pil_workers0"]}
+
+
+# ----------------------------------------------------------------------------- compute
+
+
+def matmul_peak(dtype, n: int, repeats: int) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    reps = 10
+    sec = interleaved({"mm": lambda: [a @ b for _ in range(reps)]}, repeats)["mm"]
+    return 2 * n**3 * reps / sec
+
+
+def make_stepper(task, bf16: bool = False):
+    """``step(x, y, *extra)``: one optimizer step of ``task``, its optimizer built once."""
+    optimizer = build_optimizer(task, make_config("cpu"))
+
+    def step(x, y, *extra):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            _, terms = task(x, y, *extra)
+        loss = sum(terms.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def repeat_steps(stepper, batch, steps: int):
+    return lambda: [stepper(*batch) for _ in range(steps)]
+
+
+def ce_task(name: str, width: float, num_classes: int):
+    from train_eval import Vanilla
+
+    torch.manual_seed(0)
+    task = Vanilla(create_model(name, num_classes=num_classes, width=width)).train()
+    return task.to(memory_format=torch.channels_last)
+
+
+def fake_batch(bs: int, num_classes: int):
+    x = torch.randn(bs, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    return x, torch.randint(0, num_classes, (bs,))
+
+
+def train_flops(task, batch) -> int:
+    """FLOPs of one training step's forward + backward (multiply-add = 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        _, terms = task(*batch)
+        sum(terms.values()).backward()
+    task.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def bench_compute(args, peak: float) -> dict:
+    out = {}
+    for name, width in args.compute_models:
+        task, batch = ce_task(name, width, 100), fake_batch(args.batch, 100)
+        flops = train_flops(task, batch)
+        steps = args.steps
+        sec = interleaved({"step": repeat_steps(make_stepper(task), batch, steps)}, args.repeats)
+        achieved = flops * steps / sec["step"]
+        out[f"{name}_x{width:g}"] = {
+            "images_per_s": args.batch * steps / sec["step"],
+            "gflop_per_s": achieved / 1e9,
+            "fraction_of_fp32_peak": achieved / peak,
+        }
+    return out
+
+
+def bench_end_to_end(images, labels, args) -> dict:
+    """The ``cpu`` profile's student: compute-only vs fed by CifarLoader vs fed by DataLoader + PIL."""
+    cfg = make_config("cpu")
+    bs, steps = cfg.batch_size, args.e2e_steps
+    task = ce_task(cfg.model, cfg.width, 10)
+    ours = data_utils.CifarLoader(
+        images, labels, bs, mean=MEAN, std=STD, train=True, aug={"crop_pad": 4, "flip": True}, channels_last=True
+    )
+    pil = pil_loader(images, labels, bs, 0)
+
+    stepper = make_stepper(task)
+
+    def fed_by(loader):
+        def run():
+            it = cycle(loader)
+            for _ in range(steps):
+                x, y = next(it)
+                stepper(x.contiguous(memory_format=torch.channels_last), y)
+
+        return run
+
+    cases = {
+        "compute_only": repeat_steps(stepper, fake_batch(bs, 10), steps),
+        "cifar_loader": fed_by(ours),
+        "pil_workers0": fed_by(pil),
+    }
+    sec = interleaved(cases, args.repeats)
+    ips = {k: bs * steps / v for k, v in sec.items()}
+    return {
+        "model": f"{cfg.model} x{cfg.width:g}",
+        "images_per_s": ips,
+        "cifar_loader_fraction_of_compute": ips["cifar_loader"] / ips["compute_only"],
+        "pil_fraction_of_compute": ips["pil_workers0"] / ips["compute_only"],
+    }
+
+
+def bench_kd(args) -> dict:
+    """VGG13 -> VGG8 (CIFAR-100 heads): CE step vs KD step with the teacher online vs cached logits."""
+    (s_name, s_w), (t_name, t_w) = args.kd_pair
+    torch.manual_seed(0)
+    student = create_model(s_name, num_classes=100, width=s_w).to(memory_format=torch.channels_last)
+    teacher = create_model(t_name, num_classes=100, width=t_w).to(memory_format=torch.channels_last)
+    distiller = Distiller(student, teacher, KDLoss(T=4.0, alpha=0.9)).train()
+    x, y = fake_batch(args.batch, 100)
+    cached = distiller.teacher(x)  # (B, 100), what CachedTeacherLoader would hand over
+    ce = ce_task(s_name, s_w, 100)
+    steps = args.steps
+    kd_step = make_stepper(distiller)
+    cases = {
+        "ce": repeat_steps(make_stepper(ce), (x, y), steps),
+        "kd_online": repeat_steps(kd_step, (x, y), steps),
+        "kd_cached": repeat_steps(kd_step, (x, y, cached), steps),
+    }
+    sec = interleaved(cases, args.repeats)
+    return {
+        "pair": f"{t_name} x{t_w:g} -> {s_name} x{s_w:g}",
+        "ms_per_step": {k: 1000 * v / steps for k, v in sec.items()},
+        "online_vs_ce": sec["kd_online"] / sec["ce"],
+        "cached_vs_ce": sec["kd_cached"] / sec["ce"],
+    }
+
+
+def bench_bf16(args) -> dict:
+    out = {}
+    for name, width in args.bf16_models:
+        task, batch = ce_task(name, width, 100), fake_batch(args.batch, 100)
+        steps = args.steps
+        cases = {
+            "fp32": repeat_steps(make_stepper(task), batch, steps),
+            "bf16": repeat_steps(make_stepper(task, bf16=True), batch, steps),
+        }
+        sec = interleaved(cases, args.repeats)
+        out[f"{name}_x{width:g}"] = {"speedup": sec["fp32"] / sec["bf16"]}
+    return out
+
+
+def bench_parity(args) -> dict:
+    """Short real-data runs of the cpu-profile student, fp32 vs bf16 autocast, 3 seeds each."""
+    base = make_config("cpu", data_dir=args.data_dir, epochs=args.parity_epochs, out_dir=args.runs)
+    rows = {}
+    for amp in ("off", "bf16"):
+        accs = [summarize(train(replace(base, amp=amp, seed=s, data_seed=s)).history)["last_top1"] for s in range(3)]
+        rows[amp] = {"top1": accs, "mean": float(np.mean(accs)), "std": float(np.std(accs, ddof=1))}
+    rows["difference"] = rows["bf16"]["mean"] - rows["off"]["mean"]
+    rows["config"] = f"cpu profile student, {args.parity_epochs} epochs, seeds 0-2"
+    return rows
+
+
+# ----------------------------------------------------------------------------- main
+
+
+TARGETS = [
+    ("data: CifarLoader vs DataLoader+PIL (0 workers)", lambda r: r["data"]["ratio_vs_pil_workers0"], ">=", 10),
+    (
+        "end to end: CifarLoader, fraction of compute-only",
+        lambda r: r["end_to_end"]["cifar_loader_fraction_of_compute"],
+        ">=",
+        0.9,
+    ),
+    ("KD online / CE step", lambda r: r["kd"]["online_vs_ce"], "<=", 1.85),
+    ("KD cached logits / CE step", lambda r: r["kd"]["cached_vs_ce"], "<=", 1.05),
+]
+
+
+def print_report(r: dict) -> None:
+    print(f"\nmachine: {r['machine']}; torch {r['torch']}, {r['threads']} threads; data: {r['data_source']}")
+    print(f"matmul peak: fp32 {r['peak_gflops']['fp32']:.0f} GFLOP/s, bf16 {r['peak_gflops']['bf16']:.0f} GFLOP/s")
+    print("\ndata pipeline, images/s:", {k: round(v) for k, v in r["data"]["images_per_s"].items()})
+    e2e = r["end_to_end"]
+    print(f"end to end ({e2e['model']}), images/s:", {k: round(v) for k, v in e2e["images_per_s"].items()})
+    print("\ntraining step, fp32 channels_last:")
+    for name, c in r["compute"].items():
+        speed = f"{c['images_per_s']:8.0f} img/s {c['gflop_per_s']:7.1f} GFLOP/s"
+        print(f"  {name:12s} {speed} {c['fraction_of_fp32_peak']:6.1%} of peak")
+    kd = r["kd"]
+    print(f"\nKD {kd['pair']}, ms/step:", {k: round(v, 1) for k, v in kd["ms_per_step"].items()})
+    print("bf16 autocast speed-up over fp32:", {k: round(v["speedup"], 2) for k, v in r["bf16"].items()})
+    if "parity" in r:
+        p = r["parity"]
+        print(
+            f"bf16 parity ({p['config']}): fp32 {p['off']['mean']:.2f} ± {p['off']['std']:.2f}, "
+            f"bf16 {p['bf16']['mean']:.2f} ± {p['bf16']['std']:.2f}"
+        )
+    print("\ntargets:")
+    rows = [(n, f(r), op, t) for n, f, op, t in TARGETS]
+    rows += [
+        (f"compute {k}", v["fraction_of_fp32_peak"], ">=", 0.85 if "x1" == k.split("_")[-1] else 0.60)
+        for k, v in r["compute"].items()
+    ]
+    rows += [(f"bf16 speed-up {k}", v["speedup"], ">=", 1.7) for k, v in r["bf16"].items() if k.startswith("vgg13")]
+    for name, value, op, target in rows:
+        ok = value >= target if op == ">=" else value <= target
+        print(f"  {'met ' if ok else 'MISS'} {name}: {value:.3f} (target {op} {target})")
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, measures nothing useful")
+    p.add_argument("--parity", action="store_true", help="also train fp32 vs bf16 (3 seeds each) on real data")
+    p.add_argument("--data-dir", default="./data")
+    p.add_argument("--runs", default="runs", help="where the parity runs go (finished runs are reused)")
+    p.add_argument("--out", default="benchmarks/results.json")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    full = [("vgg8", 1.0), ("vgg13", 1.0), ("vgg8", 0.25), ("vgg13", 0.25)]
+    if args.quick:
+        args.repeats, args.batch, args.steps, args.e2e_steps, args.pil_batches = 1, 32, 1, 3, 3
+        args.compute_models, args.bf16_models = [("vgg8", 0.125)], [("vgg13", 0.125)]
+        args.kd_pair, args.n_images, args.peak_n, args.parity_epochs = [("vgg8", 0.125), ("vgg13", 0.125)], 2000, 256, 1
+    else:
+        args.batch, args.steps, args.e2e_steps, args.pil_batches = 128, 3, 40, 40
+        args.compute_models, args.bf16_models = full, [("vgg13", 1.0), ("vgg8", 1.0), ("vgg8", 0.125)]
+        args.kd_pair, args.n_images, args.peak_n, args.parity_epochs = [("vgg8", 1.0), ("vgg13", 1.0)], 50000, 2048, 15
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    images, labels, source = load_images(args.data_dir, args.n_images)
+    peak = matmul_peak(torch.float32, args.peak_n, args.repeats)
+    r = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "data_source": source,
+        "quick": args.quick,
+        "repeats": args.repeats,
+        "peak_gflops": {"fp32": peak / 1e9, "bf16": matmul_peak(torch.bfloat16, args.peak_n, args.repeats) / 1e9},
+    }
+    r["data"] = bench_data(images, labels, args)
+    r["end_to_end"] = bench_end_to_end(images, labels, args)
+    r["compute"] = bench_compute(args, peak)
+    r["kd"] = bench_kd(args)
+    r["bf16"] = bench_bf16(args)
+    if args.parity:
+        r["parity"] = bench_parity(args)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(r, f, indent=2)
+    print_report(r)
+    print(f"\nwritten: {args.out}")
+    return r
+
+
+if __name__ == "__main__":
+    main()
