@@ -408,7 +408,8 @@ class CifarLoader:
     def batches(self, epoch: int | None = None, drop_last: bool | None = None):
         """The batches of an epoch (default: the current one), in the epoch plan's order."""
         order, views = self.epoch_plan(epoch)
-        order = order.to(self.device)
+        order = order.to(self.device)  # one host-to-device copy per epoch, none per batch
+        views = None if views is None else views.to(self.device)
         drop_last = self.drop_last if drop_last is None else drop_last
         n, bs = len(order), self.batch_size
         for i in range(n // bs if drop_last else -(-n // bs)):
@@ -433,6 +434,20 @@ class CifarLoader:
             "seed": self.seed,
             "shard": [self.shard, self.num_shards],
         }
+
+
+def unaugmented(loader: CifarLoader, batch_size: int = 1000) -> CifarLoader:
+    """The same images, in order and without augmentation (e.g. accuracy on the training set)."""
+    return CifarLoader(
+        loader.images,
+        loader.labels,
+        batch_size,
+        mean=loader.mean,
+        std=loader.std,
+        train=False,
+        device=loader.device,
+        channels_last=loader.channels_last,
+    )
 
 
 def get_cifar_loaders(

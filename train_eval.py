@@ -379,6 +379,55 @@ def evaluate(model: nn.Module, loader, amp: bool = False) -> dict:
     return {"loss": loss.item() / n, "top1": top1, "top5": top5}
 
 
+@torch.no_grad()
+def predict(model: nn.Module, loader, amp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every logit of a pass over ``loader``: ``(logits (N, K) float32, labels (N,))`` on the CPU."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    logits, labels = [], []
+    for x, y, *_ in loader:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits.append(model(x.to(device)).float().cpu())
+        labels.append(y.cpu())
+    model.train(was_training)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def top1_agreement(logits_a: torch.Tensor, logits_b: torch.Tensor) -> float:
+    """Percentage of samples on which two models predict the same class."""
+    return 100 * (logits_a.argmax(1) == logits_b.argmax(1)).float().mean().item()
+
+
+def per_sample_kl(logits_s: torch.Tensor, logits_t: torch.Tensor, T: float = 1.0) -> torch.Tensor:
+    """KL(softmax(z_t/T) ‖ softmax(z_s/T)) of every sample, (N,)."""
+    log_p_s = F.log_softmax(logits_s.double() / T, dim=1)  # (N, K)
+    log_p_t = F.log_softmax(logits_t.double() / T, dim=1)  # (N, K)
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(1).float()
+
+
+def spearman_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spearman rank correlation of each row of ``a`` with the same row of ``b``, (N,).
+
+    Ranks by double argsort (ties broken by position, where scipy averages them; exact float
+    ties between logits are rare), then the Pearson correlation of the ranks, all vectorised.
+    """
+    ra = a.argsort(dim=1).argsort(dim=1).double()  # (N, K) ranks 0..K-1
+    rb = b.argsort(dim=1).argsort(dim=1).double()
+    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
+    return ((ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1))).float()
+
+
+def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
+    """ECE (%): Σ_b |B_b|/N · |accuracy(B_b) - confidence(B_b)| over equal-width confidence bins."""
+    conf, pred = logits.float().softmax(1).max(1)
+    correct = (pred == labels).float()
+    bins = (conf * n_bins).long().clamp(max=n_bins - 1)  # (N,) bin of each sample
+    count = torch.bincount(bins, minlength=n_bins).float()
+    gap = torch.bincount(bins, weights=correct - conf, minlength=n_bins).abs()  # |Σ (acc - conf)| per bin
+    return 100 * (gap.sum() / count.sum()).item()
+
+
 def _as_task(module: nn.Module) -> nn.Module:
     return module if hasattr(module, "student") else Vanilla(module)
 
@@ -639,9 +688,42 @@ def summarize(history: pd.DataFrame) -> dict:
         "last_top1": last["test_top1"],
         "last_top5": last["test_top5"],
         "best_top1": best["test_top1"],
+        "best_top5": history["test_top5"].max(),
         "best_epoch": int(best["epoch"]),
         "train_seconds": history["seconds"].sum(),
     }
+
+
+ACCURACY_COLUMNS = ("last_top1", "last_top5", "best_top1", "best_top5")
+
+
+def summarize_seeds(results: list[RunResult]) -> dict:
+    """Mean and sample std over seeds of each accuracy in ``summarize``, and the mean minutes."""
+    stats = pd.DataFrame([summarize(r.history) for r in results])
+    out: dict = {"seeds": len(results)}
+    for col in ACCURACY_COLUMNS:
+        out[col] = stats[col].mean()
+        out[f"{col}_std"] = stats[col].std(ddof=1) if len(results) > 1 else float("nan")
+    out["minutes"] = stats["train_seconds"].mean() / 60
+    return out
+
+
+def mean_std_table(groups: dict[str, list[RunResult]], columns=ACCURACY_COLUMNS) -> pd.DataFrame:
+    """One row per group, each accuracy as "mean ± std" over its seeds (for display)."""
+    rows = {}
+    for name, results in groups.items():
+        s = summarize_seeds(results)
+        rows[name] = {"seeds": s["seeds"], **{c: f"{s[c]:.2f} ± {s[c + '_std']:.2f}" for c in columns}}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def plot_seeds(ax, results: list[RunResult], column: str, label: str | None = None, **style):
+    """Mean over seeds of one per-epoch metric, with a ±1 std band; returns the line."""
+    values = pd.concat([r.history.set_index("epoch")[column] for r in results], axis=1)
+    mean, std = values.mean(axis=1), values.std(axis=1).fillna(0)
+    (line,) = ax.plot(mean.index, mean, label=label, **style)
+    ax.fill_between(mean.index, mean - std, mean + std, alpha=0.2, color=line.get_color())
+    return line
 
 
 def print_result(result: RunResult) -> None:

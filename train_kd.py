@@ -29,9 +29,11 @@ from train_eval import (
     build_parser,
     config_from_args,
     is_main_process,
+    per_sample_kl,
+    plot_seeds,
     print_result,
     resolve_device,
-    summarize,
+    summarize_seeds,
     train,
 )
 
@@ -72,6 +74,43 @@ class KDLoss(nn.Module):
             "ce": (1 - self.alpha) * F.cross_entropy(logits_s, target),
             "kd": self.alpha * kd_loss(logits_s, logits_t, self.T),
         }
+
+
+def standardize(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Per-sample z-score over classes: (z - mean_k z) / (std_k z + eps), unbiased std as Sun et al."""
+    z = _upcast(logits)
+    return (z - z.mean(dim=1, keepdim=True)) / (z.std(dim=1, keepdim=True) + eps)  # (B, K)
+
+
+class LogitStandardKDLoss(KDLoss):
+    """Sun et al., CVPR 2024, "Logit Standardization in Knowledge Distillation".
+
+    L = (1 - α) · CE(z_s, y) + α · τ² · KL(softmax(z̃_t/τ) ‖ softmax(z̃_s/τ)),
+    z̃ = (z - mean_k z) / (std_k z + ε) per sample. The student need only match the teacher's
+    logit *relations*, not their scale or shift: in effect a per-sample temperature τ·σ(z).
+    Cross-entropy stays on the raw logits. Sun et al. use τ = 2 (base temperature).
+    """
+
+    def forward(self, logits_s, logits_t, target, **_) -> dict[str, torch.Tensor]:
+        return {
+            "ce": (1 - self.alpha) * F.cross_entropy(logits_s, target),
+            "kd": self.alpha * kd_loss(standardize(logits_s), standardize(logits_t), self.T),
+        }
+
+
+def conflict_analysis(teacher: torch.Tensor, kd: torch.Tensor, independent: torch.Tensor, standardized) -> dict:
+    """Where matching the teacher's logits misleads (all arguments: test-set logits, (N, K)).
+
+    A conflict is a sample on which the KD student is *closer* to the teacher in KL than the
+    independent student, yet predicts a different class than the teacher while the
+    independent student agrees with it: a small divergence that still loses the ranking.
+    ``corrected`` counts the conflicts on which the logit-standardised student agrees.
+    """
+    t_pred = teacher.argmax(1)
+    closer = per_sample_kl(kd, teacher) < per_sample_kl(independent, teacher)
+    mask = closer & (kd.argmax(1) != t_pred) & (independent.argmax(1) == t_pred)  # (N,)
+    corrected = mask & (standardized.argmax(1) == t_pred)
+    return {"samples": len(t_pred), "conflicts": int(mask.sum()), "corrected": int(corrected.sum()), "mask": mask}
 
 
 class FrozenTeacher(nn.Module):
@@ -239,6 +278,11 @@ def _build_kd(cfg: Config, student: nn.Module, teacher: nn.Module) -> nn.Module:
     return KDLoss(T=cfg.T, alpha=cfg.alpha)
 
 
+@register_method("kd_ls")
+def _build_kd_ls(cfg: Config, student: nn.Module, teacher: nn.Module) -> nn.Module:
+    return LogitStandardKDLoss(T=cfg.T, alpha=cfg.alpha)
+
+
 def load_teacher(path: str, cfg: Config) -> nn.Module:
     """The teacher network from a run folder or checkpoint, checked against the run's dataset."""
     if not path:
@@ -285,20 +329,19 @@ def teacher_config(cfg: Config) -> Config:
 
 
 def _row(role: str, results: list[RunResult]) -> dict:
-    stats = pd.DataFrame([summarize(r.history) for r in results])
-    model = results[0].model
+    stats = summarize_seeds(results)
     cfg = results[0].config
     return {
         "run": role,
         "model": f"{cfg.model} x{cfg.width:g}",
-        "params": count_params(model),
-        "MFLOPs": count_flops(model) / 1e6,
+        "params": count_params(results[0].model),
+        "MFLOPs": count_flops(results[0].model) / 1e6,
         "seeds": len(results),
-        "top1": stats["last_top1"].mean(),
-        "top1_std": stats["last_top1"].std() if len(results) > 1 else float("nan"),
-        "top5": stats["last_top5"].mean(),
-        "best_top1": stats["best_top1"].mean(),
-        "minutes": stats["train_seconds"].mean() / 60,
+        "top1": stats["last_top1"],
+        "top1_std": stats["last_top1_std"],
+        "top5": stats["last_top5"],
+        "best_top1": stats["best_top1"],
+        "minutes": stats["minutes"],
     }
 
 
@@ -307,10 +350,7 @@ def plot_curves(groups: dict[str, list[RunResult]], teacher: RunResult, path: st
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for label, results in groups.items():
-        acc = pd.concat([r.history.set_index("epoch")["test_top1"] for r in results], axis=1)
-        mean, std = acc.mean(axis=1), acc.std(axis=1).fillna(0)
-        ax.plot(mean.index, mean, label=f"{label} (n={len(results)})")
-        ax.fill_between(mean.index, mean - std, mean + std, alpha=0.25)
+        plot_seeds(ax, results, "test_top1", f"{label} (n={len(results)})")
     ax.axhline(teacher.history["test_top1"].iloc[-1], color="k", ls="--", lw=1, label="teacher (final)")
     ax.set(xlabel="epoch", ylabel="test top-1 (%)", title="Independent vs distilled student")
     ax.grid(alpha=0.3)

@@ -59,3 +59,12 @@ def test_flops_grow_with_depth_and_width():
 def test_unknown_model_lists_valid_names():
     with pytest.raises(KeyError, match="registered: vgg8, vgg11, vgg13, vgg16, vgg19"):
         create_model("resnet18")
+
+
+def test_layer_summary_agrees_with_parameter_count():
+    from model import summary
+
+    model = create_model("vgg11", num_classes=10, width=0.25)
+    stats = summary(model)
+    assert stats.total_params == count_params(model)
+    assert "Conv2d" in str(stats)

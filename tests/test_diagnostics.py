@@ -1,0 +1,92 @@
+"""Logit standardisation and the teacher-student diagnostics against references."""
+
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+from train_eval import expected_calibration_error, per_sample_kl, spearman_rows, top1_agreement
+from train_kd import KDLoss, LogitStandardKDLoss, kd_loss, standardize
+
+
+def test_standardised_loss_ignores_shift_and_scale_of_either_model():
+    gen = torch.Generator().manual_seed(0)
+    s, t = torch.randn(16, 10, generator=gen), torch.randn(16, 10, generator=gen)
+    y = torch.randint(0, 10, (16,), generator=gen)
+    loss = LogitStandardKDLoss(T=2.0, alpha=1.0)
+    base = loss(s, t, y)["kd"]
+    shift = torch.randn(16, 1, generator=gen)
+    scale = torch.rand(16, 1, generator=gen) * 5 + 0.1
+    for s2, t2 in [(s + shift, t), (s, t - shift), (s * scale, t), (s, t * scale), (3 * s + 1, 0.2 * t - 4)]:
+        assert loss(s2, t2, y)["kd"].item() == pytest.approx(base.item(), rel=1e-4)
+    assert KDLoss(T=2.0, alpha=1.0)(s * 3, t, y)["kd"].item() != pytest.approx(base.item(), rel=1e-2)
+
+
+def test_standardised_loss_equals_kd_on_standardised_logits():
+    s, t, y = torch.randn(8, 100), torch.randn(8, 100), torch.randint(0, 100, (8,))
+    zs, zt = standardize(s), standardize(t)
+    assert zs.mean(1).abs().max() < 1e-5 and (zs.std(1) - 1).abs().max() < 1e-5
+    ls = LogitStandardKDLoss(T=4.0, alpha=0.9)(zs, zt, y)
+    kd = KDLoss(T=4.0, alpha=0.9)(zs, zt, y)
+    assert ls["kd"].item() == pytest.approx(kd["kd"].item(), rel=1e-4)
+
+
+def test_toy_example_of_sun_et_al_orders_the_students():
+    # teacher [1, 4, 3, 1]; A is close in magnitude but ranks classes 2 > 1; B is 10x smaller, same ranking
+    teacher = torch.tensor([[1.0, 4.0, 3.0, 1.0]])
+    a = torch.tensor([[2.0, 2.8, 3.0, 1.0]])
+    b = torch.tensor([[0.1, 0.4, 0.3, 0.1]])
+    assert kd_loss(a, teacher, T=1.0) < kd_loss(b, teacher, T=1.0)  # plain KL prefers A
+    assert kd_loss(standardize(b), standardize(teacher), T=1.0) < kd_loss(standardize(a), standardize(teacher), T=1.0)
+    assert kd_loss(standardize(b), standardize(teacher), T=1.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_spearman_matches_scipy():
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(50, 100, generator=gen), torch.randn(50, 100, generator=gen)
+    b[:10] = a[:10] * 2 + 0.1 * b[:10]
+    ours = spearman_rows(a, b)
+    ref = [stats.spearmanr(a[i], b[i]).statistic for i in range(50)]
+    assert torch.allclose(ours.double(), torch.tensor(ref, dtype=torch.float64), atol=1e-6)
+    assert spearman_rows(a, a).min().item() == pytest.approx(1.0)
+    assert spearman_rows(a, -a).max().item() == pytest.approx(-1.0)
+
+
+def test_per_sample_kl_and_agreement_by_hand():
+    s = torch.tensor([[0.0, 0.0, 0.0], [0.0, 5.0, 0.0]])
+    t = torch.tensor([[math.log(2.0), 0.0, 0.0], [0.0, 5.0, 0.0]])
+    kl = per_sample_kl(s, t)
+    assert kl[0].item() == pytest.approx(0.5 * math.log(9 / 8), rel=1e-6) and kl[1].item() == pytest.approx(0, abs=1e-9)
+    assert kl.mean().item() == pytest.approx(kd_loss(s, t, T=1.0).item(), rel=1e-5)
+    assert top1_agreement(s, t) == pytest.approx(100.0)  # argmax of a uniform row is class 0
+    assert top1_agreement(torch.eye(4), torch.eye(4).flip(1)) == 0.0
+
+
+def test_expected_calibration_error_against_a_loop():
+    gen = torch.Generator().manual_seed(1)
+    logits, labels = torch.randn(1000, 10, generator=gen) * 3, torch.randint(0, 10, (1000,), generator=gen)
+    conf, pred = logits.softmax(1).max(1)
+    total = 0.0
+    for b in range(15):
+        lo, hi = b / 15, (b + 1) / 15
+        in_bin = (conf >= lo) & (conf < hi) if b < 14 else (conf >= lo)
+        if in_bin.any():
+            acc = (pred[in_bin] == labels[in_bin]).float().mean()
+            total += in_bin.float().mean() * (acc - conf[in_bin].mean()).abs()
+    assert expected_calibration_error(logits, labels) == pytest.approx(100 * float(total), rel=1e-4)
+    perfect = torch.full((4, 2), -1e4)
+    perfect[torch.arange(4), torch.tensor([0, 1, 0, 1])] = 1e4
+    assert expected_calibration_error(perfect, torch.tensor([0, 1, 0, 1])) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_conflict_analysis_counts_by_hand():
+    from train_kd import conflict_analysis
+
+    teacher = torch.tensor([[3.0, 2.9, 0.0], [3.0, 0.0, 0.0], [0.0, 3.0, 0.0]])
+    kd = torch.tensor([[2.9, 3.0, 0.0], [3.0, 0.0, 0.0], [0.0, 3.0, 0.0]])  # sample 0: close, wrong class
+    independent = torch.tensor([[5.0, 0.0, 0.0], [0.0, 0.0, 4.0], [0.0, 4.0, 0.0]])  # sample 0: far, right class
+    standardized = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    out = conflict_analysis(teacher, kd, independent, standardized)
+    assert out["conflicts"] == 1 and out["mask"].tolist() == [True, False, False] and out["corrected"] == 1
+    assert conflict_analysis(teacher, kd, independent, kd)["corrected"] == 0
