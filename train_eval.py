@@ -67,6 +67,9 @@ class Config:
     teacher: str = ""  # run folder or checkpoint of the trained teacher
     T: float = 4.0  # softmax temperature of the KD term
     alpha: float = 0.9  # weight of the KD term; cross-entropy gets 1 - alpha
+    feat_weight: float = 0.0  # β of a feature method (feature_kd.py); 0: the benchmark's value
+    hint_stage: int = 2  # FitNets: the stage whose output is the hint
+    init_from: str = ""  # run folder or checkpoint whose weights initialise the model (e.g. FitNets stage 2)
     # optimisation
     epochs: int = 240
     optimizer: str = "sgd"  # sgd | adam
@@ -244,7 +247,7 @@ def run_identity(cfg: Config) -> dict:
     so adding a field (whose default keeps the old behaviour) leaves earlier runs reusable."""
     defaults = asdict(Config())
     ident = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_IDENTITY and v != defaults[k]}
-    unused = ("teacher", "T", "alpha") if cfg.method == "ce" else ()
+    unused = ("teacher", "T", "alpha", "feat_weight", "hint_stage") if cfg.method == "ce" else ()
     if cfg.schedule != "multistep":
         unused += ("milestones", "gamma")
     for key in unused:
@@ -539,10 +542,14 @@ def _wrap_for_training(task: nn.Module, device: torch.device, cfg: Config, world
 
 
 def _progress(total: int, desc: str, initial: int):
+    """One bar per run, in epochs; KD_PROGRESS=0 (or a non-zero rank) turns it off."""
+    if os.environ.get("KD_PROGRESS", "1") == "0" or not is_main_process():
+        from tqdm import tqdm  # the plain class: tqdm.auto would warn about notebook widgets
+
+        return tqdm(total=total, disable=True)
     from tqdm.auto import tqdm
 
-    disable = os.environ.get("KD_PROGRESS", "1") == "0" or not is_main_process()
-    return tqdm(total=total, desc=desc, initial=initial, unit="epoch", disable=disable, leave=True)
+    return tqdm(total=total, desc=desc, initial=initial, unit="epoch", leave=True)
 
 
 def fit(
@@ -672,6 +679,8 @@ def train(
     num_classes = data_utils.DATASETS[cfg.dataset].num_classes
     set_seed(cfg.seed)
     student = create_model(cfg.model, num_classes=num_classes, width=cfg.width)
+    if cfg.init_from:
+        student.load_state_dict(read_checkpoint(cfg.init_from)["model"])
     task = make_task(cfg, student) if make_task else Vanilla(student)
     train_loader, test_loader = make_loaders(cfg)  # draws from its own generators, not the seed above
     if wrap_loader:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from dataclasses import replace
 
 import pandas as pd
@@ -21,14 +22,17 @@ import torch.nn.functional as F
 from torch import nn
 
 import data_utils
-from model import Registry, atomic_save, count_flops, count_params, load_checkpoint
+from model import Registry, atomic_save, count_flops, count_params, create_model, load_checkpoint
 from train_eval import (
     Config,
     RunResult,
+    Vanilla,
     amp_enabled,
+    build_optimizer,
     build_parser,
     config_from_args,
     is_main_process,
+    make_loaders,
     per_sample_kl,
     plot_seeds,
     print_result,
@@ -309,6 +313,69 @@ def distill(cfg: Config) -> RunResult:
     return train(cfg, make_task=build_distiller, wrap_loader=wrap)
 
 
+# ----------------------------------------------------------------------------- cost of a method
+
+
+def _cost_worker(cfg: Config, steps: int, queue) -> None:
+    import resource
+
+    train_loader, _ = make_loaders(cfg)
+    num_classes = data_utils.DATASETS[cfg.dataset].num_classes
+    student = create_model(cfg.model, num_classes=num_classes, width=cfg.width)
+    task = build_distiller(cfg, student) if cfg.method != "ce" else Vanilla(student)
+    device = resolve_device(cfg.device)
+    task.to(device).train()
+    if cfg.channels_last:
+        task.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(task, cfg)
+    batches = iter(train_loader)
+
+    def step():
+        x, y = next(batches)
+        _, terms = task(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        sum(terms.values()).backward()
+        optimizer.step()
+
+    for _ in range(2):  # warm-up: allocator, oneDNN kernels
+        step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB -> MB (Linux)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    queue.put(
+        {
+            "seconds_per_step": seconds / steps,
+            "images_per_s": steps * cfg.batch_size / seconds,
+            "peak_memory_mb": peak,
+            "extra_params": count_params(task.loss) if cfg.method != "ce" else 0,
+        }
+    )
+
+
+def measure_cost(cfg: Config, steps: int = 20) -> dict:
+    """Seconds per training step, images/s and peak memory of the run ``cfg`` describes.
+
+    Measured in a fresh process (so memory is this method's alone): ``steps`` steps after 2
+    warm-up steps; peak memory is the process's peak resident set on the CPU (torch, data and
+    all) or the CUDA allocator's peak on a GPU; ``extra_params`` counts trained adapters.
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_cost_worker, args=(cfg, steps, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
 # ----------------------------------------------------------------------------- the demo
 
 
@@ -408,4 +475,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    # run main from the importable module: plugins (feature_kd) register their methods into
+    # `train_kd.METHODS`, which as a script would be a second copy of this file's registry
+    import train_kd
+
+    train_kd.main(sys.argv[1:])

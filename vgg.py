@@ -47,6 +47,8 @@ class VGG(nn.Module):
         super().__init__()
         widths = [[scale_width(c, width) for c in stage] for stage in stages]
         self.stage_channels = [stage[-1] for stage in widths]
+        # input size / feature-map size of each stage: 32x32 inputs give 32, 16, 8, 4, 4
+        self.stage_strides = [2 ** min(i, len(POOL_AFTER)) for i in range(len(widths))]
         self.embed_dim = self.stage_channels[-1]
         self.num_classes = num_classes
         c_in = 3

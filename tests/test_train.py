@@ -95,6 +95,9 @@ def test_command_lines(synthetic_dir, tmp_path):
     kd = _cli("train_kd.py", *common, "--teacher", run, "--student", "vgg8", "--T", "2", "--alpha", "0.5")
     assert kd.returncode == 0, kd.stderr
     assert "-kd-" in kd.stdout.split("run folder: ")[1].split()[0]
+    feature = _cli("train_kd.py", *common, "--teacher", run, "--method", "at+kd")
+    assert feature.returncode == 0, feature.stderr
+    assert "-at+kd-" in feature.stdout.split("run folder: ")[1].split()[0]
     bad = _cli("train_eval.py", *common, "--model", "resnet")
     assert bad.returncode != 0 and "registered: vgg8" in bad.stderr
     no_teacher = _cli("train_kd.py", *common)
@@ -126,3 +129,11 @@ def test_torch_compile_path_trains(smoke_cfg):
     # off by default (no training speed-up measured on CPU); checks the option stays usable
     result = train(smoke_cfg(compile=True, epochs=1))
     assert result.history["test_top1"].iloc[-1] > 20
+
+
+def test_measure_cost_reports_speed_memory_and_adapters(smoke_cfg):
+    teacher = train(smoke_cfg(model="vgg11", width=0.125, epochs=1))
+    cost = train_kd.measure_cost(smoke_cfg(method="fitnet", teacher=teacher.run_dir), steps=3)
+    assert cost["seconds_per_step"] > 0 and cost["images_per_s"] > 0
+    assert cost["peak_memory_mb"] > 100  # a whole torch process
+    assert cost["extra_params"] > 0  # the hint regressor

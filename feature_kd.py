@@ -1,0 +1,245 @@
+"""Feature distillation: losses on intermediate representations, each a small module.
+
+Every method is registered with train_kd's method registry under its name (``fitnet``,
+``at``, ``sp``, ``pkt``) and with Hinton's KD term added (``fitnet+kd``, ...):
+
+    python train_kd.py --profile cpu --teacher runs/<teacher> --method at
+    python train_kd.py --profile cpu --teacher runs/<teacher> --method fitnet+kd --hint-stage 2
+
+Without KD the loss is CE + β·feature term, with KD it is (1-α)·CE + α·T²·KL + β·feature term;
+β is ``--feat-weight`` or, when that is 0, the value of the CIFAR-100 benchmark of Tian et al.
+(ICLR 2020). Adapters (the FitNets regressor) are submodules of the loss, so the one training
+loop optimises and checkpoints them with the student; the teacher is never optimised.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from train_eval import Config
+from train_kd import KDLoss, register_method
+
+INPUT_SIZE = 32
+
+
+class ConvReg(nn.Module):
+    """The FitNets regressor: conv + BN + ReLU from a student map onto a teacher map.
+
+    The convolution is chosen from the two shapes: 1x1 for equal sizes, 3x3 stride 2 when the
+    student map is twice the teacher's, a 4x4 stride-2 transposed conv when it is half, and a
+    (1 + H_s - H_t) kernel otherwise (any student map larger than the teacher's).
+    """
+
+    def __init__(self, c_s: int, c_t: int, h_s: int, h_t: int):
+        super().__init__()
+        if h_s == h_t:
+            conv = nn.Conv2d(c_s, c_t, 1)
+        elif h_s == 2 * h_t:
+            conv = nn.Conv2d(c_s, c_t, 3, stride=2, padding=1)
+        elif 2 * h_s == h_t:
+            conv = nn.ConvTranspose2d(c_s, c_t, 4, stride=2, padding=1)
+        elif h_s > h_t:
+            conv = nn.Conv2d(c_s, c_t, 1 + h_s - h_t)
+        else:
+            raise ValueError(f"no regressor from a {h_s}x{h_s} student map to a {h_t}x{h_t} teacher map")
+        self.body = nn.Sequential(conv, nn.BatchNorm2d(c_t), nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)  # (B, C_t, H_t, W_t)
+
+
+def stage_shape(model: nn.Module, stage: int) -> tuple[int, int]:
+    """(channels, height) of a stage's output for 32x32 inputs, from the model's declaration."""
+    return model.stage_channels[stage], INPUT_SIZE // model.stage_strides[stage]
+
+
+class HintLoss(nn.Module):
+    """FitNets hints (Romero et al., ICLR 2015): L = mean over elements of (r(F_s^(k)) - F_t^(k))².
+
+    F^(k) is the post-ReLU output of stage k; r is the regressor (``ConvReg`` by default).
+    """
+
+    def __init__(self, regressor: nn.Module, s_stage: int, t_stage: int | None = None):
+        super().__init__()
+        self.regressor = regressor
+        self.s_stage, self.t_stage = s_stage, s_stage if t_stage is None else t_stage
+
+    @classmethod
+    def between(cls, student: nn.Module, teacher: nn.Module, s_stage: int, t_stage: int | None = None):
+        t_stage = s_stage if t_stage is None else t_stage
+        (c_s, h_s), (c_t, h_t) = stage_shape(student, s_stage), stage_shape(teacher, t_stage)
+        return cls(ConvReg(c_s, c_t, h_s, h_t), s_stage, t_stage)
+
+    def forward(self, s_feats: dict, t_feats: dict) -> torch.Tensor:
+        guided = self.regressor(s_feats["stages"][self.s_stage])  # (B, C_t, H_t, W_t)
+        return F.mse_loss(guided, t_feats["stages"][self.t_stage].float())
+
+
+def attention_map(f: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """Spatial attention of a feature map: the per-sample L2-normalised mean_c |F|^p, (B, H*W)."""
+    return F.normalize(f.float().abs().pow(p).mean(dim=1).flatten(1), dim=1)
+
+
+class ATLoss(nn.Module):
+    """Attention transfer (Zagoruyko & Komodakis, ICLR 2017).
+
+    L = Σ_k mean_{b, hw} (a(F_s^(k)) - a(F_t^(k)))², a(F) = normalise(mean_c |F|^p), p = 2, over
+    stages 1-4 by default; the larger map is average-pooled when the two sizes differ.
+    """
+
+    def __init__(self, stages: tuple[int, ...] = (1, 2, 3, 4), p: float = 2.0):
+        super().__init__()
+        self.stages, self.p = stages, p
+
+    def forward(self, s_feats: dict, t_feats: dict) -> torch.Tensor:
+        total = 0.0
+        for k in self.stages:
+            fs, ft = s_feats["stages"][k], t_feats["stages"][k]
+            size = min(fs.shape[-1], ft.shape[-1])
+            fs, ft = F.adaptive_avg_pool2d(fs, size), F.adaptive_avg_pool2d(ft, size)
+            total = total + (attention_map(fs, self.p) - attention_map(ft, self.p)).pow(2).mean()
+        return total
+
+
+def batch_similarity(f: torch.Tensor) -> torch.Tensor:
+    """Row-normalised Gram matrix of a batch's flattened features, (B, B)."""
+    flat = f.float().flatten(1)  # (B, C*H*W)
+    return F.normalize(flat @ flat.t(), dim=1)
+
+
+class SPLoss(nn.Module):
+    """Similarity-preserving KD (Tung & Mori, ICCV 2019).
+
+    L = ‖G_s - G_t‖²_F / B², G = row-normalised F Fᵀ over the batch, on the last stage's output:
+    the student must find the same images alike that the teacher does, whatever its width.
+    """
+
+    def __init__(self, stage: int = -1):
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, s_feats: dict, t_feats: dict) -> torch.Tensor:
+        g_s = batch_similarity(s_feats["stages"][self.stage])  # (B, B)
+        g_t = batch_similarity(t_feats["stages"][self.stage])  # (B, B)
+        return (g_s - g_t).pow(2).sum() / g_s.shape[0] ** 2
+
+
+def cosine_kernel(f: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Conditional probabilities P[i, j] ∝ (cos(f_i, f_j) + 1) / 2 within a batch, (B, B)."""
+    f = F.normalize(f.float(), dim=1, eps=eps)
+    k = (f @ f.t() + 1) / 2
+    return k / k.sum(dim=1, keepdim=True)
+
+
+class PKTLoss(nn.Module):
+    """Probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018).
+
+    L = mean_{i,j} P_t[i,j] · log(P_t[i,j] / P_s[i,j]), with P the cosine-similarity kernel of
+    the pooled embeddings normalised per row (the mean over all B² entries, as the benchmark).
+    """
+
+    def __init__(self, eps: float = 1e-7):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, s_feats: dict, t_feats: dict) -> torch.Tensor:
+        p_s = cosine_kernel(s_feats["pooled"], self.eps)  # (B, B)
+        p_t = cosine_kernel(t_feats["pooled"], self.eps)  # (B, B)
+        return (p_t * torch.log((p_t + self.eps) / (p_s + self.eps))).mean()
+
+
+class FeatureKD(nn.Module):
+    """CE (or Hinton's KD loss, when ``kd`` is given) plus β times a feature term.
+
+    Returns the weighted terms, e.g. ``{"ce": CE, "at": β·L_AT}`` or
+    ``{"ce": (1-α)·CE, "kd": α·T²·KL, "fitnet": β·L_hint}``.
+    """
+
+    needs_features = True
+
+    def __init__(self, name: str, feature: nn.Module, beta: float, kd: KDLoss | None = None):
+        super().__init__()
+        self.name, self.feature, self.beta, self.kd = name, feature, beta, kd
+
+    def forward(self, logits_s, logits_t, target, s_feats=None, t_feats=None) -> dict[str, torch.Tensor]:
+        terms = self.kd(logits_s, logits_t, target) if self.kd is not None else {}
+        terms = terms or {"ce": F.cross_entropy(logits_s, target)}
+        terms[self.name] = self.beta * self.feature(s_feats, t_feats)
+        return terms
+
+
+class HintPretrain(nn.Module):
+    """Stage 1 of the FitNets schedule (Romero et al. 2015): only the hint term.
+
+    Freezes (``requires_grad=False``) every student parameter after the hint stage, so the one
+    loop's optimizer holds just the stages up to the hint layer and the regressor. Stage 2 is
+    a normal run (``kd`` or ``fitnet+kd``) started from this run's weights (``init_from``).
+    """
+
+    needs_features = True
+
+    def __init__(self, hint: HintLoss, student: nn.Module):
+        super().__init__()
+        self.hint = hint
+        for i, stage in enumerate(student.stages):
+            stage.requires_grad_(i <= hint.s_stage)
+        student.classifier.requires_grad_(False)
+
+    def forward(self, logits_s, logits_t, target, s_feats=None, t_feats=None) -> dict[str, torch.Tensor]:
+        return {"hint": self.hint(s_feats, t_feats)}
+
+
+@register_method("fitnet_stage1")
+def _build_stage1(cfg: Config, student: nn.Module, teacher: nn.Module) -> HintPretrain:
+    return HintPretrain(HintLoss.between(student, teacher, cfg.hint_stage), student)
+
+
+@torch.no_grad()
+def stage_outputs(model: nn.Module, loader, n: int = 1000) -> list[torch.Tensor]:
+    """The first ``n`` images' stage outputs (post-ReLU), flattened: a list of (n, C*H*W) tensors."""
+    model.eval()
+    device = next(model.parameters()).device
+    chunks, seen = [], 0
+    for x, *_ in loader:
+        chunks.append([f.flatten(1).float().cpu() for f in model(x.to(device), features=True)[1]["stages"]])
+        seen += len(x)
+        if seen >= n:
+            break
+    return [torch.cat(parts)[:n] for parts in zip(*chunks, strict=True)]
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA (Kornblith et al., ICML 2019) of two representations of the same n inputs.
+
+    CKA = HSIC(K, L) / sqrt(HSIC(K, K) · HSIC(L, L)) with K = XXᵀ, L = YYᵀ of centred features;
+    1 for representations equal up to rotation and isotropic scaling; any widths.
+    """
+    x, y = x.double() - x.double().mean(0), y.double() - y.double().mean(0)
+    k, ell = x @ x.t(), y @ y.t()  # (n, n) Gram matrices: cheaper than (D, D) for wide maps
+    return ((k * ell).sum() / (k.norm() * ell.norm())).item()
+
+
+# β of each method in the CIFAR-100 benchmark (RepDistiller defaults)
+DEFAULT_BETA = {"fitnet": 100.0, "at": 1000.0, "sp": 3000.0, "pkt": 30000.0}
+
+FEATURES = {
+    "fitnet": lambda cfg, student, teacher: HintLoss.between(student, teacher, cfg.hint_stage),
+    "at": lambda cfg, student, teacher: ATLoss(),
+    "sp": lambda cfg, student, teacher: SPLoss(),
+    "pkt": lambda cfg, student, teacher: PKTLoss(),
+}
+
+
+def _build(name: str, cfg: Config, student: nn.Module, teacher: nn.Module, with_kd: bool = False) -> FeatureKD:
+    beta = cfg.feat_weight or DEFAULT_BETA[name]
+    kd = KDLoss(T=cfg.T, alpha=cfg.alpha) if with_kd else None
+    return FeatureKD(name, FEATURES[name](cfg, student, teacher), beta, kd)
+
+
+for _name in FEATURES:
+    register_method(_name)(partial(_build, _name))
+    register_method(f"{_name}+kd")(partial(_build, _name, with_kd=True))
