@@ -383,9 +383,11 @@ class CifarLoader:
     def _shard_size(self) -> int:
         return len(self.images) // self.num_shards
 
+    def _num_batches(self, n: int, drop_last: bool) -> int:
+        return n // self.batch_size if drop_last else -(-n // self.batch_size)
+
     def __len__(self) -> int:
-        n = self._shard_size()
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return self._num_batches(self._shard_size(), self.drop_last)
 
     def epoch_plan(self, epoch: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This shard's image order and views for an epoch: ``(indices (n,), views (n, 3) or None)``."""
@@ -411,8 +413,8 @@ class CifarLoader:
         order = order.to(self.device)  # one host-to-device copy per epoch, none per batch
         views = None if views is None else views.to(self.device)
         drop_last = self.drop_last if drop_last is None else drop_last
-        n, bs = len(order), self.batch_size
-        for i in range(n // bs if drop_last else -(-n // bs)):
+        bs = self.batch_size
+        for i in range(self._num_batches(len(order), drop_last)):
             idx = order[i * bs : (i + 1) * bs]
             x = self.images[idx]  # (B, C, H, W) uint8
             if views is not None:

@@ -435,6 +435,17 @@ def _as_task(module: nn.Module) -> nn.Module:
     return module if hasattr(module, "student") else Vanilla(module)
 
 
+def optimizer_step(step, optimizer, x, y, *extra, amp: bool = False):
+    """One update: forward (bf16 autocast if ``amp``), sum of the named terms, backward, step."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        logits, terms = step(x, y, *extra)
+    loss = sum(terms.values())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return logits, terms, loss
+
+
 def train_one_epoch(task, step, loader, optimizer, device, amp: bool) -> dict:
     """One pass; per-step values stay on the device (no host sync) until the epoch ends."""
     task.train()
@@ -444,12 +455,7 @@ def train_one_epoch(task, step, loader, optimizer, device, amp: bool) -> dict:
     for x, y, *extra in loader:  # extra: e.g. cached teacher logits for these exact views
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         extra = [e.to(device, non_blocking=True) for e in extra]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits, terms = step(x, y, *extra)
-        loss = sum(terms.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        logits, terms, loss = optimizer_step(step, optimizer, x, y, *extra, amp=amp)
         for name, value in {"loss": loss, **terms}.items():
             sums[name] = sums.get(name, 0) + value.detach().float() * len(y)
         correct += (logits.argmax(1) == y).sum()

@@ -33,6 +33,7 @@ from train_eval import (
     config_from_args,
     is_main_process,
     make_loaders,
+    optimizer_step,
     per_sample_kl,
     plot_seeds,
     print_result,
@@ -330,12 +331,10 @@ def _cost_worker(cfg: Config, steps: int, queue) -> None:
     optimizer = build_optimizer(task, cfg)
     batches = iter(train_loader)
 
+    amp = amp_enabled(cfg, device)
+
     def step():
-        x, y = next(batches)
-        _, terms = task(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        sum(terms.values()).backward()
-        optimizer.step()
+        optimizer_step(task, optimizer, *next(batches), amp=amp)
 
     for _ in range(2):  # warm-up: allocator, oneDNN kernels
         step()

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data_utils  # noqa: E402
 from model import create_model  # noqa: E402
-from train_eval import build_optimizer, make_config, summarize, train  # noqa: E402
+from train_eval import build_optimizer, make_config, optimizer_step, summarize, train  # noqa: E402
 from train_kd import Distiller, KDLoss  # noqa: E402
 
 MEAN, STD = data_utils.CIFAR10_MEAN, data_utils.CIFAR10_STD
@@ -154,18 +154,9 @@ def conv_peak(channels: int, batch: int, repeats: int) -> float:
 
 
 def make_stepper(task, bf16: bool = False):
-    """``step(x, y, *extra)``: one optimizer step of ``task``, its optimizer built once."""
+    """``step(x, y, *extra)``: one optimizer step of ``task`` (the loop's own), its optimizer built once."""
     optimizer = build_optimizer(task, make_config("cpu"))
-
-    def step(x, y, *extra):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            _, terms = task(x, y, *extra)
-        loss = sum(terms.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
+    return lambda x, y, *extra: optimizer_step(task, optimizer, x, y, *extra, amp=bf16)
 
 
 def repeat_steps(stepper, batch, steps: int):
