@@ -134,7 +134,8 @@ def download_cifar(name: str, root: str) -> str:
     except Exception as err:  # network errors come in many types; all mean the same here
         raise RuntimeError(
             f"downloading {spec.url} into {os.path.abspath(root)} failed ({err}). "
-            f"Without a network, copy the unpacked '{spec.folder}' folder there instead."
+            f"Without a network, copy the unpacked '{spec.folder}' folder there instead "
+            "(project machines: python ../shared/data/prepare_cifar10.py <data dir>)."
         ) from err
     return find_dataset_dir(name, root)
 
