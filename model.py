@@ -61,13 +61,35 @@ for _name in vgg.STAGES:
     register_model(_name)(getattr(vgg, _name))
 
 
+def _load_group_modules() -> None:
+    import importlib
+
+    importlib.import_module("multi_student")
+
+
+# Models made of several registered networks (an ensemble, specialists and their head). They
+# are defined where they are used and imported on first lookup, so their checkpoints rebuild
+# anywhere; they stay out of ``list_models``, which lists single networks.
+GROUPS = Registry("model group", on_miss=_load_group_modules)
+register_group = GROUPS.register
+
+
 def list_models() -> list[str]:
     return MODELS.names()
 
 
+def _builder(name: str):
+    if name in MODELS:
+        return MODELS[name]
+    try:
+        return GROUPS.get(name)
+    except UnknownNameError:
+        return MODELS.get(name)  # raises, listing the registered networks
+
+
 def create_model(name: str, num_classes: int = 100, width: float = 1.0, **kwargs) -> nn.Module:
     """Build a registered model; it remembers how (``model.arch``) so checkpoints can rebuild it."""
-    model = MODELS.get(name)(num_classes=num_classes, width=width, **kwargs)
+    model = _builder(name)(num_classes=num_classes, width=width, **kwargs)
     model.arch = {"name": name, "num_classes": num_classes, "width": width, **kwargs}
     return model
 

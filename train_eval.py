@@ -1,8 +1,9 @@
 """The one training/evaluation loop, its config and profiles, and the teacher/baseline CLI.
 
 Anything whose ``forward(x, y)`` returns ``(logits, {term_name: loss})`` trains here: a
-plain model (wrapped in ``Vanilla``), a ``train_kd.Distiller``, any later method. The loop
-sums the terms, logs each of them, evaluates every epoch and writes a run folder:
+plain model (wrapped in ``Vanilla``), a ``train_kd.Distiller``, a cohort of students
+(``multi_student``), any later method. The loop sums the terms, logs each of them, evaluates
+every epoch (the task's own ``test_metrics`` if it has them) and writes a run folder:
 
     runs/<name>/config.json     the Config of the run
     runs/<name>/metrics.csv     one row per epoch (train terms, accuracy, test loss/top-1/top-5, lr, time)
@@ -85,6 +86,11 @@ class Config:
     teacher_width: float = 1.0
     teacher_epochs: int = 240
     n_seeds: int = 1
+    # several students trained as one run (multi_student.py): deep mutual learning, specialists
+    members: int = 1  # students in the run; model and width describe each of them
+    peer_T: float = 1.0  # temperature of the mutual-learning term (Zhang et al. use 1)
+    peer_weight: float = 1.0  # weight of the mutual-learning term
+    budget: int = 0  # parameter budget a group of students must fit in; 0: unchecked
     # teacher-output reuse (train_kd.py): logits stored once per epoch stream, read back by every student
     teacher_cache: bool = False  # logit-only methods; methods that need teacher features run it online
     cache_dtype: str = "float16"  # float16 | float32 storage of the cached logits
@@ -181,8 +187,10 @@ def check_config(cfg: Config) -> None:
             raise ValueError(f"{key} must be >= 1, got {getattr(cfg, key)}")
     if not 0 <= cfg.alpha <= 1:
         raise ValueError(f"alpha weighs KD against cross-entropy and must be in [0, 1], got {cfg.alpha}")
-    if cfg.T <= 0:
-        raise ValueError(f"temperature T must be > 0, got {cfg.T}")
+    if cfg.T <= 0 or cfg.peer_T <= 0:
+        raise ValueError(f"temperatures must be > 0, got T={cfg.T}, peer_T={cfg.peer_T}")
+    if cfg.members < 1:
+        raise ValueError(f"members counts the students of a run and must be >= 1, got {cfg.members}")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -239,7 +247,12 @@ NOT_IN_IDENTITY = {
     "teacher_model",
     "teacher_width",
     "teacher_epochs",
+    "budget",
 }
+
+
+# Methods that never read the teacher: its fields do not change what they compute.
+TEACHERLESS = ("ce", "dml")
 
 
 def run_identity(cfg: Config) -> dict:
@@ -247,9 +260,12 @@ def run_identity(cfg: Config) -> dict:
     so adding a field (whose default keeps the old behaviour) leaves earlier runs reusable."""
     defaults = asdict(Config())
     ident = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_IDENTITY and v != defaults[k]}
-    unused = ("teacher", "T", "alpha", "feat_weight", "hint_stage") if cfg.method == "ce" else ()
+    unused = ("teacher", "T", "alpha", "feat_weight", "hint_stage", "teacher_cache", "cache_dtype")
+    unused = unused if cfg.method in TEACHERLESS else ()
     if cfg.schedule != "multistep":
         unused += ("milestones", "gamma")
+    if not cfg.method.startswith("dml"):
+        unused += ("peer_T", "peer_weight")
     for key in unused:
         ident.pop(key, None)
     return ident
@@ -259,7 +275,8 @@ def run_name(cfg: Config) -> str:
     if cfg.name:
         return cfg.name
     digest = hashlib.sha1(json.dumps(run_identity(cfg), sort_keys=True).encode()).hexdigest()[:8]
-    return f"{cfg.model}-w{cfg.width:g}-{cfg.method}-s{cfg.seed}-{digest}"
+    group = f"-k{cfg.members}" if cfg.members > 1 else ""
+    return f"{cfg.model}-w{cfg.width:g}{group}-{cfg.method}-s{cfg.seed}-{digest}"
 
 
 def run_dir_for(cfg: Config) -> str:
@@ -431,6 +448,14 @@ def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, n_bin
     return 100 * (gap.sum() / count.sum()).item()
 
 
+def test_metrics(task: nn.Module, loader, amp: bool = False) -> dict:
+    """What a run reports each epoch: the task's own ``test_metrics`` if it has one (a cohort
+    adds each member's accuracy, say), else ``evaluate`` of its student."""
+    if hasattr(task, "test_metrics"):
+        return task.test_metrics(loader, amp)
+    return evaluate(task.student, loader, amp)
+
+
 def _as_task(module: nn.Module) -> nn.Module:
     return module if hasattr(module, "student") else Vanilla(module)
 
@@ -569,7 +594,8 @@ def fit(
     """Train ``module`` for ``cfg.epochs``; returns the per-epoch history.
 
     ``module``: a model returning logits (trained with cross-entropy) or anything with a
-    ``.student`` whose ``forward(x, y)`` returns ``(logits, {term: loss})``. With ``run_dir``
+    ``.student`` whose ``forward(x, y)`` returns ``(logits, {term: loss})``; if it has a
+    ``test_metrics(loader, amp)`` method, that gives the epoch's ``test_*`` columns. With ``run_dir``
     every epoch is checkpointed and an earlier, unfinished run there is resumed.
     ``callbacks`` are called as ``cb(epoch, row)`` after each epoch's checkpoint.
     """
@@ -599,7 +625,7 @@ def fit(
         row = {"epoch": epoch + 1, "lr": lr}
         row.update(train_one_epoch(task, step, train_loader, optimizer, device, amp))
         _average_buffers(task)
-        test = evaluate(task.student, test_loader, amp)
+        test = test_metrics(task, test_loader, amp)
         row.update({f"test_{k}": v for k, v in test.items()})
         row["seconds"] = time.perf_counter() - t0
         scheduler.step()
@@ -667,26 +693,34 @@ def finished_run(run_dir: str, cfg: Config) -> RunResult | None:
     return RunResult(model, pd.DataFrame(ckpt["metrics"]), run_dir, cfg)
 
 
+def build_student(cfg: Config) -> nn.Module:
+    """The network a run trains: ``cfg.model`` at ``cfg.width``, from ``cfg.init_from`` if set."""
+    num_classes = data_utils.DATASETS[cfg.dataset].num_classes
+    student = create_model(cfg.model, num_classes=num_classes, width=cfg.width)
+    if cfg.init_from:
+        student.load_state_dict(read_checkpoint(cfg.init_from)["model"])
+    return student
+
+
 def train(
     cfg: Config,
     make_task: Callable[[Config, nn.Module], nn.Module] | None = None,
     wrap_loader: Callable[[nn.Module, object, Config], object] | None = None,
+    make_student: Callable[[Config], nn.Module] = build_student,
 ) -> RunResult:
     """Train (or reuse, or resume) the run ``cfg`` describes.
 
     ``make_task(cfg, student)`` wraps the freshly built student for the loop (a Distiller,
     say); plain cross-entropy training when it is None. ``wrap_loader(task, loader, cfg)``
     may replace the training stream (e.g. to add cached teacher outputs to each batch).
+    ``make_student(cfg)`` builds what is trained and checkpointed (a group of students, say).
     """
     run_dir = run_dir_for(cfg)
     done = finished_run(run_dir, cfg)
     if done is not None:
         return done
-    num_classes = data_utils.DATASETS[cfg.dataset].num_classes
     set_seed(cfg.seed)
-    student = create_model(cfg.model, num_classes=num_classes, width=cfg.width)
-    if cfg.init_from:
-        student.load_state_dict(read_checkpoint(cfg.init_from)["model"])
+    student = make_student(cfg)
     task = make_task(cfg, student) if make_task else Vanilla(student)
     train_loader, test_loader = make_loaders(cfg)  # draws from its own generators, not the seed above
     if wrap_loader:

@@ -1,0 +1,484 @@
+"""Several students instead of one: ensembles, deep mutual learning, feature-partition specialists.
+
+Every variant trains in the one loop of ``train_eval``; what differs is the network being
+trained (a group of students, checkpointed and rebuilt like any model) and the task around it.
+
+    members = train_ensemble(cfg, k=4)                    # 4 students trained separately (cfg.method)
+    cohort = mutual_learning(replace(cfg, members=2))     # 2 students trained together (DML)
+    stage1, final = train_specialists(replace(cfg, members=4, teacher=...))
+    evaluate_group([r.model for r in members], test_loader, teacher_logits)
+
+A group's total parameter count can be held under ``cfg.budget``: ``width_for_budget`` finds
+the widest members that fit and every group run checks it when it builds its students.
+
+    python multi_student.py --profile cpu --group dml --members 2 --budget 246730
+    python multi_student.py --profile cpu --group ensemble --method kd --members 4 --budget 246730 --teacher runs/<t>
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import data_utils
+from model import count_flops, count_params, create_model, read_checkpoint, register_group
+from train_eval import (
+    Config,
+    RunResult,
+    build_parser,
+    config_from_args,
+    evaluate,
+    is_main_process,
+    make_loaders,
+    predict,
+    top1_agreement,
+    train,
+)
+from train_kd import FrozenTeacher, KDLoss, _upcast, _use_teacher_cache, distill, load_teacher
+
+# ----------------------------------------------------------------------------- budgets
+
+
+def partition(dim: int, k: int) -> list[torch.Tensor]:
+    """``k`` contiguous index slices that cover ``range(dim)`` exactly once (sizes differ by <= 1)."""
+    if not 1 <= k <= dim:
+        raise ValueError(f"cannot split an embedding of {dim} dimensions among {k} students; need 1 <= k <= {dim}")
+    return list(torch.arange(dim).tensor_split(k))
+
+
+def check_budget(model: nn.Module, budget: int, what: str = "the group") -> int:
+    """The parameter count of ``model``; raises if it exceeds ``budget`` (0: no budget)."""
+    n = count_params(model)
+    if budget and n > budget:
+        raise ValueError(
+            f"{what} has {n:,} parameters, over the budget of {budget:,}; "
+            "lower the width or the number of students (width_for_budget finds the widest that fits)"
+        )
+    return n
+
+
+def width_for_budget(build: Callable[[float], nn.Module], budget: int, step: float = 1 / 256) -> float:
+    """The largest width on a grid of ``step`` whose model ``build(width)`` fits in ``budget`` parameters.
+
+    Parameter counts grow monotonically with the width (channels are rounded widths), so a
+    binary search over the grid finds it.
+    """
+
+    def fits(n: int) -> bool:
+        return count_params(build(n * step)) <= budget
+
+    if not fits(1):
+        raise ValueError(f"even width {step:g} needs more than {budget:,} parameters")
+    lo, hi = 1, 2
+    while fits(hi):  # grow until the budget is exceeded
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo * step
+
+
+# ----------------------------------------------------------------------------- group models
+
+
+class Ensemble(nn.Module):
+    """Members whose logits are averaged: ``forward(x) = mean_m z_m(x)``."""
+
+    def __init__(self, members: Sequence[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.num_classes = members[0].num_classes
+
+    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members])  # (M, B, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.member_logits(x).mean(0)  # (B, K)
+
+
+@register_group("ensemble")
+def ensemble(num_classes: int, width: float, member: str = "vgg8", k: int = 2) -> Ensemble:
+    """``k`` networks ``member`` at ``width``; each draws its own initial weights."""
+    return Ensemble([create_model(member, num_classes=num_classes, width=width) for _ in range(k)])
+
+
+class Specialists(nn.Module):
+    """Students that each output a slice of an embedding, and a linear head on their concatenation.
+
+    Member k is a network whose ``num_classes`` is its slice's size (its last linear layer is the
+    regressor). With ``frozen`` the members never train: no gradients, eval mode that ``train()``
+    cannot switch off; only the head learns.
+    """
+
+    def __init__(self, members: Sequence[nn.Module], num_classes: int, frozen: bool = False):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.out_dims = [m.num_classes for m in members]
+        self.head = nn.Linear(sum(self.out_dims), num_classes)
+        self.num_classes = num_classes
+        self.frozen = frozen
+        if frozen:
+            self.members.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen:
+            self.members.eval()
+        return self
+
+    def member_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            return [m(x) for m in self.members]  # each (B, d_k)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self.member_outputs(x), dim=1)  # (B, Σ d_k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))  # (B, num_classes)
+
+
+@register_group("specialists")
+def specialists(
+    num_classes: int, width: float, member: str = "vgg8", out_dims: Sequence[int] = (), frozen: bool = False
+) -> Specialists:
+    members = [create_model(member, num_classes=d, width=width) for d in out_dims]
+    return Specialists(members, num_classes, frozen)
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+class MutualLearningLoss(nn.Module):
+    """Zhang, Xiang, Hospedales & Lu, CVPR 2018, "Deep Mutual Learning".
+
+    Each member i of a cohort of M students minimises
+
+        L_i = CE(z_i, y) + w · T² · 1/(M-1) · Σ_{j≠i} KL(softmax(sg(z_j)/T) ‖ softmax(z_i/T))
+
+    where sg stops the gradient: a member learns from its peers' current predictions but never
+    pushes them, so member i's parameters get gradients from L_i alone and Σ_i L_i is minimised
+    with one backward pass (simultaneous updates, as public reimplementations do; the paper
+    alternates them). With a teacher, ``kd`` (a ``KDLoss``) replaces the CE term by
+    (1-α)·CE + α·T_t²·KL(p_t ‖ p_i) for every member. Returns ``ce_i``, ``kd_i`` and ``peer_i``.
+    """
+
+    def __init__(self, T: float = 1.0, weight: float = 1.0, kd: KDLoss | None = None):
+        super().__init__()
+        self.T, self.weight, self.kd = T, weight, kd
+
+    def forward(self, member_logits: torch.Tensor, target: torch.Tensor, teacher_logits=None) -> dict:
+        """``member_logits``: (M, B, K); ``teacher_logits``: (B, K), needed with ``kd``."""
+        m = len(member_logits)
+        if m < 2:
+            raise ValueError("mutual learning needs a cohort of at least 2 students (cfg.members >= 2)")
+        log_p = F.log_softmax(_upcast(member_logits) / self.T, dim=2)  # (M, B, K)
+        peers = log_p.detach()
+        terms = {}
+        for i in range(m):
+            if self.kd is None:
+                terms[f"ce_{i}"] = F.cross_entropy(member_logits[i], target)
+            else:
+                terms.update({f"{k}_{i}": v for k, v in self.kd(member_logits[i], teacher_logits, target).items()})
+            kl = sum(F.kl_div(log_p[i], peers[j], reduction="batchmean", log_target=True) for j in range(m) if j != i)
+            terms[f"peer_{i}"] = self.weight * self.T**2 * kl / (m - 1)
+        return terms
+
+
+class PartitionLoss(nn.Module):
+    """Feature-partition specialists: member k regresses its own slice S_k of the teacher's
+    pooled embedding f_t(x), the slices partitioning its dimensions (``partition``):
+
+        L = Σ_k mean_{b, d ∈ S_k} (s_k(x_b)_d − f_t(x_b)_d)²
+
+    (the hint loss of Romero et al., ICLR 2015, on the embedding, split among K students).
+    Returns ``mse_k`` per member.
+    """
+
+    def __init__(self, slices: Sequence[torch.Tensor]):
+        super().__init__()
+        self.slices = [s.tolist() for s in slices]
+
+    def forward(self, outputs: Sequence[torch.Tensor], target: torch.Tensor) -> dict:
+        return {
+            f"mse_{k}": F.mse_loss(_upcast(out), target[:, idx].float())
+            for k, (out, idx) in enumerate(zip(outputs, self.slices, strict=True))
+        }
+
+
+# ----------------------------------------------------------------------------- evaluation of a group
+
+
+def pairwise_disagreement(member_logits: Sequence[torch.Tensor]) -> float:
+    """Mean over member pairs of the % of samples on which the two predict different classes."""
+    preds = [z.argmax(1) for z in member_logits]
+    pairs = list(itertools.combinations(preds, 2))
+    if not pairs:
+        return float("nan")
+    return 100 * sum((a != b).float().mean().item() for a, b in pairs) / len(pairs)
+
+
+def group_metrics(member_logits: Sequence[torch.Tensor], labels: torch.Tensor, teacher_logits=None) -> dict:
+    """From each member's logits (N, K): every member's top-1, the logit-averaged ensemble's
+    loss/top-1/top-5, pairwise disagreement and, given the teacher's logits, the ensemble's
+    top-1 agreement with the teacher."""
+    ens = torch.stack(list(member_logits)).float().mean(0)  # (N, K)
+    top5 = ens.topk(min(5, ens.shape[1]), dim=1).indices  # (N, 5)
+    out = {
+        "loss": F.cross_entropy(ens, labels).item(),
+        "top1": 100 * (ens.argmax(1) == labels).float().mean().item(),
+        "top5": 100 * (top5 == labels[:, None]).any(1).float().mean().item(),
+    }
+    for i, z in enumerate(member_logits):
+        out[f"top1_m{i}"] = 100 * (z.argmax(1) == labels).float().mean().item()
+    out["disagreement"] = pairwise_disagreement(member_logits)
+    if teacher_logits is not None:
+        out["teacher_agreement"] = top1_agreement(ens, teacher_logits)
+    return out
+
+
+def evaluate_group(models: Sequence[nn.Module], loader, teacher_logits=None, amp: bool = False) -> dict:
+    """Members' and ensemble's accuracy, diversity, teacher agreement, size and cost of a group.
+
+    ``models``: the members (classifiers of the same classes), or one ``Ensemble``.
+    """
+    if isinstance(models, Ensemble):
+        models = list(models.members)
+    logits = []
+    for m in models:
+        z, labels = predict(m, loader, amp)
+        logits.append(z)
+    out = group_metrics(logits, labels, teacher_logits)
+    member_top1 = [out.pop(f"top1_m{i}") for i in range(len(models))]
+    return {
+        "members": len(models),
+        "params": sum(count_params(m) for m in models),
+        "MFLOPs": sum(count_flops(m) for m in models) / 1e6,
+        "member_top1_mean": sum(member_top1) / len(member_top1),
+        "member_top1": member_top1,
+        "ensemble_top1": out.pop("top1"),
+        "ensemble_top5": out.pop("top5"),
+        **out,
+    }
+
+
+# ----------------------------------------------------------------------------- the tasks the loop trains
+
+
+class Cohort(nn.Module):
+    """Deep mutual learning in the loop's form: ``forward(x, y) -> (ensemble logits, terms)``.
+
+    ``student`` is an ``Ensemble`` (checkpointed with all members); the optional teacher is frozen
+    and outside the module tree, as in ``train_kd.Distiller``. Each epoch reports every member's
+    test accuracy, the ensemble's, and the members' disagreement.
+    """
+
+    needs_features = False
+
+    def __init__(self, group: Ensemble, loss: MutualLearningLoss, teacher: nn.Module | None = None):
+        super().__init__()
+        self.student = group
+        self.loss = loss
+        self.teacher = FrozenTeacher(teacher) if teacher is not None else None
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None = None):
+        z = self.student.member_logits(x)  # (M, B, K)
+        if self.teacher is not None and teacher_logits is None:
+            teacher_logits = self.teacher(x)
+        return z.mean(0), self.loss(z, y, teacher_logits)
+
+    def test_metrics(self, loader, amp: bool = False) -> dict:
+        logits, labels = zip(*(predict(m, loader, amp) for m in self.student.members), strict=True)
+        return group_metrics(logits, labels[0])
+
+
+class PartitionRegression(nn.Module):
+    """Stage 1 of the specialists: each member regresses its slice of the teacher's embedding.
+
+    The logits it returns (and its test accuracy) are those of the specialists through their
+    head, initialised to the teacher's own classifier: they show how much of the teacher's
+    decision the regressed embedding carries. Each epoch also reports R² of every slice.
+    """
+
+    def __init__(self, group: Specialists, teacher: nn.Module, slices: Sequence[torch.Tensor]):
+        super().__init__()
+        self.student = group
+        self.teacher = FrozenTeacher(teacher)
+        self.loss = PartitionLoss(slices)
+        self._test_targets: torch.Tensor | None = None  # the teacher's test embeddings, computed once
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor):
+        outputs = self.student.member_outputs(x)
+        _, feats = self.teacher(x, features=True)
+        return self.student.head(torch.cat(outputs, 1)), self.loss(outputs, feats["pooled"])
+
+    @torch.no_grad()
+    def _embeddings(self, net, loader, amp: bool) -> torch.Tensor:
+        device = next(self.student.parameters()).device
+        out = []
+        for x, _ in loader:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                out.append(net(x.to(device)).float().cpu())
+        return torch.cat(out)  # (N, D)
+
+    def test_metrics(self, loader, amp: bool = False) -> dict:
+        metrics = evaluate(self.student, loader, amp)
+        if self._test_targets is None:
+            self._test_targets = self._embeddings(lambda x: self.teacher(x, features=True)[1]["pooled"], loader, amp)
+        self.student.eval()
+        pred = self._embeddings(self.student.embed, loader, amp)  # (N, D)
+        self.student.train()
+        target = self._test_targets
+        for k, idx in enumerate(self.loss.slices):
+            metrics[f"r2_{k}"] = r_squared(pred[:, idx], target[:, idx])
+        metrics["r2"] = r_squared(pred, target)
+        return metrics
+
+
+def r_squared(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """1 − Σ(pred − target)² / Σ(target − mean over samples)², pooled over all dimensions."""
+    sse = (pred - target).pow(2).sum()
+    sst = (target - target.mean(0)).pow(2).sum()
+    return (1 - sse / sst).item()
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def _num_classes(cfg: Config) -> int:
+    return data_utils.DATASETS[cfg.dataset].num_classes
+
+
+def build_cohort_group(cfg: Config) -> Ensemble:
+    """``cfg.members`` students ``cfg.model`` at ``cfg.width``, checked against ``cfg.budget``."""
+    group = create_model("ensemble", num_classes=_num_classes(cfg), width=cfg.width, member=cfg.model, k=cfg.members)
+    check_budget(group, cfg.budget, f"a cohort of {cfg.members} {cfg.model} x{cfg.width:g}")
+    return group
+
+
+def build_cohort(cfg: Config, group: Ensemble) -> Cohort:
+    teacher = load_teacher(cfg.teacher, cfg) if cfg.method == "dml+kd" else None
+    kd = KDLoss(cfg.T, cfg.alpha) if teacher is not None else None
+    return Cohort(group, MutualLearningLoss(cfg.peer_T, cfg.peer_weight, kd), teacher)
+
+
+def mutual_learning(cfg: Config) -> RunResult:
+    """Train (or reuse) a cohort of ``cfg.members`` students with ``cfg.method`` "dml" or "dml+kd".
+
+    The result's model is the cohort's ``Ensemble``; its history has each member's test top-1
+    (``test_top1_m<i>``), the ensemble's (``test_top1``) and their disagreement per epoch.
+    """
+    if cfg.method not in ("dml", "dml+kd"):
+        raise ValueError(f"mutual_learning trains method 'dml' or 'dml+kd', not {cfg.method!r}")
+    wrap = _use_teacher_cache if cfg.teacher_cache and cfg.method == "dml+kd" else None
+    return train(cfg, make_task=build_cohort, wrap_loader=wrap, make_student=build_cohort_group)
+
+
+def build_specialists(cfg: Config) -> Specialists:
+    """``cfg.members`` specialists for the teacher's embedding (stage 1: head = the teacher's
+    classifier, members trainable; stage 2, method "specialists": members frozen, from stage 1)."""
+    teacher = load_teacher(cfg.teacher, cfg)
+    slices = partition(teacher.embed_dim, cfg.members)
+    frozen = cfg.method == "specialists"
+    group = create_model(
+        "specialists",
+        num_classes=_num_classes(cfg),
+        width=cfg.width,
+        member=cfg.model,
+        out_dims=[len(s) for s in slices],
+        frozen=frozen,
+    )
+    check_budget(group, cfg.budget, f"{cfg.members} specialists {cfg.model} x{cfg.width:g} and their head")
+    if frozen:
+        group.load_state_dict(read_checkpoint(cfg.init_from)["model"])
+    else:  # contiguous slices in order: the concatenated outputs line up with the teacher's embedding
+        group.head.load_state_dict(teacher.classifier.state_dict())
+        group.head.requires_grad_(False)  # stage 1 trains the students only; the head just reads them
+    return group
+
+
+def _partition_task(cfg: Config, group: Specialists) -> PartitionRegression:
+    teacher = load_teacher(cfg.teacher, cfg)
+    return PartitionRegression(group, teacher, partition(teacher.embed_dim, cfg.members))
+
+
+def train_specialists(cfg: Config, head_epochs: int = 10) -> tuple[RunResult, RunResult]:
+    """Stage 1 (method "partition"): ``cfg.members`` students regress the slices of the teacher's
+    embedding for ``cfg.epochs``. Stage 2 (method "specialists"): they are frozen and the head on
+    their concatenated outputs is trained with cross-entropy for ``head_epochs``."""
+    stage1 = train(replace(cfg, method="partition"), make_task=_partition_task, make_student=build_specialists)
+    stage2_cfg = replace(cfg, method="specialists", epochs=head_epochs, init_from=stage1.run_dir)
+    return stage1, train(stage2_cfg, make_student=build_specialists)
+
+
+def train_ensemble(cfg: Config, k: int, ensemble_seed: int = 0) -> list[RunResult]:
+    """``k`` students trained separately with ``cfg.method`` (e.g. "kd", or "ce": independent),
+    member m with model and data seed ``ensemble_seed · k + m``; the group is checked against
+    ``cfg.budget``. Evaluate them together with ``evaluate_group``."""
+    seeds = range(ensemble_seed * k, ensemble_seed * k + k)
+    check_budget(ensemble(_num_classes(cfg), cfg.width, cfg.model, k), cfg.budget, f"{k} x {cfg.model} x{cfg.width:g}")
+    return [distill(replace(cfg, members=1, seed=s, data_seed=s)) for s in seeds]
+
+
+def budget_width(cfg: Config, k: int, method: str = "ensemble") -> float:
+    """The widest ``cfg.model`` of which ``k`` fit in ``cfg.budget`` (as an ensemble, or as
+    specialists with their head for the teacher ``cfg.teacher``)."""
+    n = _num_classes(cfg)
+    if method == "specialists":
+        dims = [len(s) for s in partition(load_teacher(cfg.teacher, cfg).embed_dim, k)]
+        return width_for_budget(lambda w: specialists(n, w, cfg.model, dims), cfg.budget)
+    return width_for_budget(lambda w: ensemble(n, w, cfg.model, k), cfg.budget)
+
+
+# ----------------------------------------------------------------------------- command line
+
+GROUP_METHODS = ("ensemble", "dml", "dml+kd", "specialists")
+
+
+def main(argv=None) -> dict:
+    parser = build_parser(
+        "Train several students: an ensemble of distilled students, a mutual-learning cohort, or "
+        "feature-partition specialists; --members K students, --budget N parameters in all."
+    )
+    parser.add_argument(
+        "--group",
+        choices=GROUP_METHODS,
+        default="dml",
+        help="ensemble: --members students trained separately with --method (ce or kd) and averaged; "
+        "dml / dml+kd: one cohort trained together; specialists: two stages on the teacher's embedding",
+    )
+    parser.add_argument("--head-epochs", type=int, default=10, help="specialists: epochs of the head stage")
+    args = parser.parse_args(argv)
+    group, head_epochs = args.group, args.head_epochs
+    del args.group, args.head_epochs
+    width_given = hasattr(args, "width")
+    cfg = config_from_args(args)
+    needs_teacher = group in ("dml+kd", "specialists") or (group == "ensemble" and cfg.method != "ce")
+    if needs_teacher and not cfg.teacher:
+        parser.error(f"--group {group} (method {cfg.method}) needs --teacher RUN_OR_CHECKPOINT")
+    if cfg.budget and not width_given:
+        cfg = replace(cfg, width=budget_width(cfg, cfg.members, group))
+    if group == "ensemble":  # members trained separately with --method (ce: independent, kd: distilled)
+        models = [r.model for r in train_ensemble(cfg, cfg.members)]
+    elif group == "specialists":
+        models = [train_specialists(cfg, head_epochs)[1].model]
+    else:
+        models = mutual_learning(replace(cfg, method=group)).model
+    _, test_loader = make_loaders(cfg)
+    out = evaluate_group(models, test_loader)
+    if is_main_process():
+        shown = {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
+        print(f"{group}: {cfg.members} x {cfg.model} x{cfg.width:g}", shown)
+    return out
+
+
+if __name__ == "__main__":
+    # the group models register into `model.GROUPS` from the importable module, not from __main__
+    import multi_student
+
+    multi_student.main(sys.argv[1:])
