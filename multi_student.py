@@ -11,8 +11,8 @@ trained (a group of students, checkpointed and rebuilt like any model) and the t
 A group's total parameter count can be held under ``cfg.budget``: ``width_for_budget`` finds
 the widest members that fit and every group run checks it when it builds its students.
 
-    python multi_student.py --profile cpu --group dml --members 2 --budget 246730
-    python multi_student.py --profile cpu --group ensemble --method kd --members 4 --budget 246730 --teacher runs/<t>
+    python multi_student.py --profile cpu --group dml --members 2 --budget 247050
+    python multi_student.py --profile cpu --group ensemble --method kd --members 4 --budget 247050 --teacher runs/<t>
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from train_eval import (
     top1_agreement,
     train,
 )
-from train_kd import FrozenTeacher, KDLoss, _upcast, _use_teacher_cache, distill, load_teacher
+from train_kd import FrozenTeacher, KDLoss, distill, load_teacher, upcast, use_teacher_cache
 
 # ----------------------------------------------------------------------------- budgets
 
@@ -177,7 +177,7 @@ class MutualLearningLoss(nn.Module):
         m = len(member_logits)
         if m < 2:
             raise ValueError("mutual learning needs a cohort of at least 2 students (cfg.members >= 2)")
-        log_p = F.log_softmax(_upcast(member_logits) / self.T, dim=2)  # (M, B, K)
+        log_p = F.log_softmax(upcast(member_logits) / self.T, dim=2)  # (M, B, K)
         peers = log_p.detach()
         terms = {}
         for i in range(m):
@@ -206,7 +206,7 @@ class PartitionLoss(nn.Module):
 
     def forward(self, outputs: Sequence[torch.Tensor], target: torch.Tensor) -> dict:
         return {
-            f"mse_{k}": F.mse_loss(_upcast(out), target[:, idx].float())
+            f"mse_{k}": F.mse_loss(upcast(out), target[:, idx].float())
             for k, (out, idx) in enumerate(zip(outputs, self.slices, strict=True))
         }
 
@@ -375,7 +375,7 @@ def mutual_learning(cfg: Config) -> RunResult:
     """
     if cfg.method not in ("dml", "dml+kd"):
         raise ValueError(f"mutual_learning trains method 'dml' or 'dml+kd', not {cfg.method!r}")
-    wrap = _use_teacher_cache if cfg.teacher_cache and cfg.method == "dml+kd" else None
+    wrap = use_teacher_cache if cfg.teacher_cache and cfg.method == "dml+kd" else None
     return train(cfg, make_task=build_cohort, wrap_loader=wrap, make_student=build_cohort_group)
 
 

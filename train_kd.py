@@ -43,7 +43,7 @@ from train_eval import (
 )
 
 
-def _upcast(x: torch.Tensor) -> torch.Tensor:
+def upcast(x: torch.Tensor) -> torch.Tensor:
     """bf16/fp16 logits (autocast) to fp32: softmax at high T needs the mantissa; fp64 stays."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
@@ -53,8 +53,8 @@ def kd_loss(logits_s: torch.Tensor, logits_t: torch.Tensor, T: float) -> torch.T
 
     The T² keeps the gradient scale independent of T (soft-target gradients shrink as 1/T²).
     """
-    log_p_s = F.log_softmax(_upcast(logits_s) / T, dim=1)  # (B, K)
-    log_p_t = F.log_softmax(_upcast(logits_t) / T, dim=1)  # (B, K)
+    log_p_s = F.log_softmax(upcast(logits_s) / T, dim=1)  # (B, K)
+    log_p_t = F.log_softmax(upcast(logits_t) / T, dim=1)  # (B, K)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * T * T
 
 
@@ -83,7 +83,7 @@ class KDLoss(nn.Module):
 
 def standardize(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Per-sample z-score over classes: (z - mean_k z) / (std_k z + eps), unbiased std as Sun et al."""
-    z = _upcast(logits)
+    z = upcast(logits)
     return (z - z.mean(dim=1, keepdim=True)) / (z.std(dim=1, keepdim=True) + eps)  # (B, K)
 
 
@@ -247,7 +247,9 @@ class CachedTeacherLoader:
             yield x, y, logits[i * bs : i * bs + len(y)].float()  # (B, K)
 
 
-def _use_teacher_cache(task: Distiller, loader, cfg: Config):
+def use_teacher_cache(task: nn.Module, loader, cfg: Config):
+    """``wrap_loader`` for ``train``: the stream with the teacher's cached logits added to every
+    batch, if the task's loss needs nothing else from the teacher (else the stream unchanged)."""
     if task.needs_features:
         return loader  # feature methods need the teacher's activations: it runs online
     dtype = getattr(torch, cfg.cache_dtype)
@@ -310,7 +312,7 @@ def distill(cfg: Config) -> RunResult:
     if cfg.method == "ce":
         return train(cfg)
     get_method(cfg.method)  # fail on a bad name before any data is read
-    wrap = _use_teacher_cache if cfg.teacher_cache else None
+    wrap = use_teacher_cache if cfg.teacher_cache else None
     return train(cfg, make_task=build_distiller, wrap_loader=wrap)
 
 
