@@ -317,22 +317,14 @@ class PartitionRegression(nn.Module):
         _, feats = self.teacher(x, features=True)
         return self.student.head(torch.cat(outputs, 1)), self.loss(outputs, feats["pooled"])
 
-    @torch.no_grad()
-    def _embeddings(self, net, loader, amp: bool) -> torch.Tensor:
-        device = next(self.student.parameters()).device
-        out = []
-        for x, _ in loader:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                out.append(net(x.to(device)).float().cpu())
-        return torch.cat(out)  # (N, D)
+    def _teacher_embedding(self, x: torch.Tensor) -> torch.Tensor:
+        return self.teacher(x, features=True)[1]["pooled"]  # (B, D)
 
     def test_metrics(self, loader, amp: bool = False) -> dict:
         metrics = evaluate(self.student, loader, amp)
         if self._test_targets is None:
-            self._test_targets = self._embeddings(lambda x: self.teacher(x, features=True)[1]["pooled"], loader, amp)
-        self.student.eval()
-        pred = self._embeddings(self.student.embed, loader, amp)  # (N, D)
-        self.student.train()
+            self._test_targets = predict(self.student, loader, amp, output=self._teacher_embedding)[0]  # (N, D)
+        pred = predict(self.student, loader, amp, output=self.student.embed)[0]  # (N, D)
         target = self._test_targets
         for k, idx in enumerate(self.loss.slices):
             metrics[f"r2_{k}"] = r_squared(pred[:, idx], target[:, idx])

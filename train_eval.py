@@ -400,15 +400,20 @@ def evaluate(model: nn.Module, loader, amp: bool = False) -> dict:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader, amp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every logit of a pass over ``loader``: ``(logits (N, K) float32, labels (N,))`` on the CPU."""
+def predict(model: nn.Module, loader, amp: bool = False, output=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every logit of a pass over ``loader``: ``(logits (N, K) float32, labels (N,))`` on the CPU.
+
+    ``output(x)``, if given, is collected instead of ``model(x)`` (an embedding, say), with the
+    model in eval mode and on its device.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    output = output or model
     logits, labels = [], []
     for x, y, *_ in loader:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits.append(model(x.to(device)).float().cpu())
+            logits.append(output(x.to(device)).float().cpu())
         labels.append(y.cpu())
     model.train(was_training)
     return torch.cat(logits), torch.cat(labels)
