@@ -6,7 +6,7 @@ workers competing for the two cores). The random stream of an epoch (order, crop
 flips) is a pure function of ``(seed, epoch)``, independent of the model seed, so a
 resumed run, or a second student, sees exactly the same batches.
 
-    train_loader, test_loader = get_cifar10_loaders(batch_size=128, data_dir="./data")
+    train_loader, val_loader, test_loader = get_cifar10_loaders(batch_size=128, data_dir="./data", val_size=5000)
     for x, y in train_loader:   # x: (B, 3, 32, 32) float32, normalised; y: (B,) int64
         ...
 """
@@ -17,6 +17,7 @@ import hashlib
 import os
 import pickle
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -53,6 +54,7 @@ class CifarSpec:
     label_key: str
     names_key: str
     num_classes: int
+    train_per_class: int  # images of each class in the official training split
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
@@ -69,6 +71,7 @@ DATASETS = {
         label_key="labels",
         names_key="label_names",
         num_classes=10,
+        train_per_class=5000,
         mean=CIFAR10_MEAN,
         std=CIFAR10_STD,
     ),
@@ -83,6 +86,7 @@ DATASETS = {
         label_key="fine_labels",
         names_key="fine_label_names",
         num_classes=100,
+        train_per_class=500,
         mean=CIFAR100_MEAN,
         std=CIFAR100_STD,
     ),
@@ -328,6 +332,27 @@ def balanced_subset(labels: torch.Tensor, per_class: int, seed: int = 0) -> torc
     return torch.cat(chosen).sort().values
 
 
+def validation_split(labels: torch.Tensor, val_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hold ``val_size`` images out of a training split, the same number from every class.
+
+    Returns ``(train_idx, val_idx)``, disjoint, sorted, covering ``labels``. The choice depends
+    only on ``seed`` (a split seed, kept apart from model and stream seeds), so every run of an
+    experiment, teacher and students alike, holds out the same images.
+    """
+    num_classes = len(labels.unique())
+    if val_size < 0 or val_size % num_classes:
+        raise ValueError(
+            f"val_size={val_size} must be a non-negative multiple of the {num_classes} classes "
+            f"(class-balanced hold-out), e.g. {num_classes * max(1, round(val_size / num_classes))}"
+        )
+    if val_size == 0:
+        return torch.arange(len(labels)), torch.arange(0)
+    val = balanced_subset(labels, val_size // num_classes, seed=seed)
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[val] = False
+    return keep.nonzero().flatten(), val
+
+
 class CifarLoader:
     """Batches of normalised images from a whole split held as one uint8 tensor.
 
@@ -453,6 +478,12 @@ def unaugmented(loader: CifarLoader, batch_size: int = 1000) -> CifarLoader:
     )
 
 
+class CifarLoaders(NamedTuple):
+    train: CifarLoader
+    val: CifarLoader | None  # None without a validation split
+    test: CifarLoader
+
+
 def get_cifar_loaders(
     dataset: str = "cifar10",
     batch_size: int = 128,
@@ -461,20 +492,30 @@ def get_cifar_loaders(
     download: bool = False,
     device: str | torch.device = "cpu",
     subset_per_class: int | None = None,
+    val_size: int = 0,
+    split_seed: int = 0,
     aug: dict | None = None,
     seed: int = 0,
     test_batch_size: int | None = None,
     channels_last: bool = False,
     num_shards: int = 1,
     shard: int = 0,
-) -> tuple[CifarLoader, CifarLoader]:
-    """The training loader (shuffled, augmented, drop_last) and the test loader (neither)."""
+) -> CifarLoaders:
+    """``(train, val, test)`` loaders: training shuffled, augmented, drop_last; val and test neither.
+
+    ``val_size`` images (class-balanced, chosen by ``split_seed``) are held out of the official
+    training split first; ``subset_per_class`` then draws the training subset from the rest
+    (also by ``split_seed``), so validation images never reach any training run.
+    """
     spec = _spec(dataset)
     aug = {"crop_pad": 4, "flip": True} if aug is None else aug
     x_train, y_train = load_cifar(dataset, data_dir, train=True, download=download)
     x_test, y_test = load_cifar(dataset, data_dir, train=False)
+    train_idx, val_idx = validation_split(y_train, val_size, seed=split_seed)
+    x_val, y_val = x_train[val_idx], y_train[val_idx]
+    x_train, y_train = x_train[train_idx], y_train[train_idx]
     if subset_per_class:
-        keep = balanced_subset(y_train, subset_per_class, seed=0)
+        keep = balanced_subset(y_train, subset_per_class, seed=split_seed)
         x_train, y_train = x_train[keep], y_train[keep]
     common = dict(mean=spec.mean, std=spec.std, device=device, channels_last=channels_last)
     train = CifarLoader(
@@ -488,15 +529,17 @@ def get_cifar_loaders(
         shard=shard,
         **common,
     )
-    test = CifarLoader(x_test, y_test, test_batch_size or max(batch_size, 500), train=False, **common)
-    return train, test
+    eval_batch = test_batch_size or max(batch_size, 500)
+    val = CifarLoader(x_val, y_val, eval_batch, train=False, **common) if len(val_idx) else None
+    test = CifarLoader(x_test, y_test, eval_batch, train=False, **common)
+    return CifarLoaders(train, val, test)
 
 
 def get_cifar10_loaders(batch_size: int = 128, data_dir: str = "./data", **kwargs):
-    """CIFAR-10 ``(train_loader, test_loader)``; see ``get_cifar_loaders`` for the options."""
+    """CIFAR-10 ``(train, val, test)`` loaders; see ``get_cifar_loaders`` for the options."""
     return get_cifar_loaders("cifar10", batch_size, data_dir, **kwargs)
 
 
 def get_cifar100_loaders(batch_size: int = 128, data_dir: str = "./data", **kwargs):
-    """CIFAR-100 ``(train_loader, test_loader)``; see ``get_cifar_loaders`` for the options."""
+    """CIFAR-100 ``(train, val, test)`` loaders; see ``get_cifar_loaders`` for the options."""
     return get_cifar_loaders("cifar100", batch_size, data_dir, **kwargs)

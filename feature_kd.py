@@ -6,10 +6,12 @@ Every method is registered with train_kd's method registry under its name (``fit
     python train_kd.py --profile cpu --teacher runs/<teacher> --method at
     python train_kd.py --profile cpu --teacher runs/<teacher> --method fitnet+kd --hint-stage 2
 
-Without KD the loss is CE + β·feature term, with KD it is (1-α)·CE + α·T²·KL + β·feature term;
-β is ``--feat-weight`` or, when that is 0, the value of the CIFAR-100 benchmark of Tian et al.
-(ICLR 2020). Adapters (the FitNets regressor) are submodules of the loss, so the one training
-loop optimises and checkpoints them with the student; the teacher is never optimised.
+Without KD the loss is w_ce·CE + β·feature term, with KD w_ce·CE + w_kd·T²·KL + β·feature term.
+Unset weights take each method's published recipe (``DEFAULT_BETA``: the CIFAR-100 benchmark of
+Tian et al., ICLR 2020, with CE 1; ``+kd``: CE 1, KD 1, T 4 as RepDistiller combines them);
+``--feat-weight``, ``--ce-weight``, ``--kd-weight``, ``--T`` override them. Adapters (the FitNets
+regressor) are submodules of the loss, so the one training loop optimises and checkpoints them
+with the student; the teacher is never optimised.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train_eval import Config
-from train_kd import KDLoss, register_method
+from train_eval import Config, register_method
+from train_kd import KDLoss
 
 INPUT_SIZE = 32
 
@@ -153,21 +155,23 @@ class PKTLoss(nn.Module):
 
 
 class FeatureKD(nn.Module):
-    """CE (or Hinton's KD loss, when ``kd`` is given) plus β times a feature term.
+    """w_ce·CE (or Hinton's KD loss, when ``kd`` is given, with its own weights) plus β times a feature term.
 
-    Returns the weighted terms, e.g. ``{"ce": CE, "at": β·L_AT}`` or
-    ``{"ce": (1-α)·CE, "kd": α·T²·KL, "fitnet": β·L_hint}``.
+    Returns the weighted terms, e.g. ``{"ce": w_ce·CE, "at": β·L_AT}`` or
+    ``{"ce": w_ce·CE, "kd": w_kd·T²·KL, "fitnet": β·L_hint}``.
     """
 
     needs_features = True
 
-    def __init__(self, name: str, feature: nn.Module, beta: float, kd: KDLoss | None = None):
+    def __init__(self, name: str, feature: nn.Module, beta: float, kd: KDLoss | None = None, ce_weight: float = 1.0):
         super().__init__()
-        self.name, self.feature, self.beta, self.kd = name, feature, beta, kd
+        self.name, self.feature, self.beta, self.kd, self.ce_weight = name, feature, beta, kd, ce_weight
 
     def forward(self, logits_s, logits_t, target, s_feats=None, t_feats=None) -> dict[str, torch.Tensor]:
-        terms = self.kd(logits_s, logits_t, target) if self.kd is not None else {}
-        terms = terms or {"ce": F.cross_entropy(logits_s, target)}
+        if self.kd is not None:
+            terms = self.kd(logits_s, logits_t, target)
+        else:
+            terms = {"ce": self.ce_weight * F.cross_entropy(logits_s, target)}
         terms[self.name] = self.beta * self.feature(s_feats, t_feats)
         return terms
 
@@ -193,7 +197,7 @@ class HintPretrain(nn.Module):
         return {"hint": self.hint(s_feats, t_feats)}
 
 
-@register_method("fitnet_stage1")
+@register_method("fitnet_stage1", source="Romero et al. 2015, stage 1: the hint term alone")
 def _build_stage1(cfg: Config, student: nn.Module, teacher: nn.Module) -> HintPretrain:
     return HintPretrain(HintLoss.between(student, teacher, cfg.hint_stage), student)
 
@@ -223,8 +227,19 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     return ((k * ell).sum() / (k.norm() * ell.norm())).item()
 
 
-# β of each method in the CIFAR-100 benchmark (RepDistiller defaults)
+# β of each method in the CIFAR-100 benchmark, with CE weight 1 and no KD term: RepDistiller's
+# scripts (train_student.py --distill <m> -r 1 -a 0 -b β), the same values in mdistiller's configs.
 DEFAULT_BETA = {"fitnet": 100.0, "at": 1000.0, "sp": 3000.0, "pkt": 30000.0}
+SOURCES = {
+    "fitnet": "Romero et al. 2015",
+    "at": "Zagoruyko & Komodakis 2017",
+    "sp": "Tung & Mori 2019",
+    "pkt": "Passalis & Tefas 2018",
+}
+BENCHMARK = "β of the CIFAR-100 benchmark of Tian et al. 2020 (RepDistiller scripts, -r 1 -a 0 -b β)"
+# `+kd`: RepDistiller's way of adding KD to any method (README: "-a 1 -b β", -r defaulting to 1),
+# i.e. CE 1 + KD 1 (T = 4) + β·feature term, as in their CRD+KD row.
+WITH_KD = "; + KD as RepDistiller combines it (-r 1 -a 1 -b β, kd_T 4)"
 
 FEATURES = {
     "fitnet": lambda cfg, student, teacher: HintLoss.between(student, teacher, cfg.hint_stage),
@@ -235,11 +250,13 @@ FEATURES = {
 
 
 def _build(name: str, cfg: Config, student: nn.Module, teacher: nn.Module, with_kd: bool = False) -> FeatureKD:
-    beta = cfg.feat_weight or DEFAULT_BETA[name]
-    kd = KDLoss(T=cfg.T, alpha=cfg.alpha) if with_kd else None
-    return FeatureKD(name, FEATURES[name](cfg, student, teacher), beta, kd)
+    kd = KDLoss(cfg.T, cfg.ce_weight, cfg.kd_weight) if with_kd else None
+    return FeatureKD(name, FEATURES[name](cfg, student, teacher), cfg.feat_weight, kd, ce_weight=cfg.ce_weight)
 
 
-for _name in FEATURES:
-    register_method(_name)(partial(_build, _name))
-    register_method(f"{_name}+kd")(partial(_build, _name, with_kd=True))
+for _name, _beta in DEFAULT_BETA.items():
+    _source = f"{SOURCES[_name]}; {BENCHMARK}"
+    register_method(_name, source=_source, ce_weight=1.0, feat_weight=_beta)(partial(_build, _name))
+    register_method(f"{_name}+kd", source=_source + WITH_KD, T=4.0, ce_weight=1.0, kd_weight=1.0, feat_weight=_beta)(
+        partial(_build, _name, with_kd=True)
+    )

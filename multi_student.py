@@ -37,10 +37,19 @@ from train_eval import (
     is_main_process,
     make_loaders,
     predict,
+    register_method,
     top1_agreement,
     train,
 )
-from train_kd import FrozenTeacher, KDLoss, distill, load_teacher, upcast, use_teacher_cache
+from train_kd import KD_RECIPE, FrozenTeacher, KDLoss, distill, load_teacher, upcast, use_teacher_cache
+
+if __name__ == "__main__":
+    # Run as the importable module, then stop: group models and methods register once, as
+    # `multi_student`, never a second time as `__main__`.
+    import multi_student
+
+    multi_student.main(sys.argv[1:])
+    sys.exit(0)
 
 # ----------------------------------------------------------------------------- budgets
 
@@ -310,7 +319,7 @@ class PartitionRegression(nn.Module):
         self.student = group
         self.teacher = FrozenTeacher(teacher)
         self.loss = PartitionLoss(slices)
-        self._test_targets: torch.Tensor | None = None  # the teacher's test embeddings, computed once
+        self._targets: dict[int, torch.Tensor] = {}  # the teacher's embeddings per evaluation loader, computed once
 
     def forward(self, x: torch.Tensor, y: torch.Tensor):
         outputs = self.student.member_outputs(x)
@@ -322,10 +331,10 @@ class PartitionRegression(nn.Module):
 
     def test_metrics(self, loader, amp: bool = False) -> dict:
         metrics = evaluate(self.student, loader, amp)
-        if self._test_targets is None:
-            self._test_targets = predict(self.student, loader, amp, output=self._teacher_embedding)[0]  # (N, D)
+        if id(loader) not in self._targets:  # validation and test each have their own
+            self._targets[id(loader)] = predict(self.student, loader, amp, output=self._teacher_embedding)[0]  # (N, D)
         pred = predict(self.student, loader, amp, output=self.student.embed)[0]  # (N, D)
-        target = self._test_targets
+        target = self._targets[id(loader)]
         for k, idx in enumerate(self.loss.slices):
             metrics[f"r2_{k}"] = r_squared(pred[:, idx], target[:, idx])
         metrics["r2"] = r_squared(pred, target)
@@ -342,6 +351,21 @@ def r_squared(pred: torch.Tensor, target: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------- runs
 
 
+DML_SOURCE = "Zhang et al. 2018, deep mutual learning: CE + KL to each peer at T = 1, weight 1"
+register_method("dml", source=DML_SOURCE, peer_T=1.0, peer_weight=1.0)(None)
+register_method(
+    "dml+kd",
+    source=DML_SOURCE + "; each member's CE replaced by the project's KD recipe",
+    peer_T=1.0,
+    peer_weight=1.0,
+    **KD_RECIPE,
+)(None)
+register_method("partition", source="this project: members regress slices of the teacher's pooled embedding (MSE)")(
+    None
+)
+register_method("specialists", source="this project: a linear head on frozen partition members")(None)
+
+
 def _num_classes(cfg: Config) -> int:
     return data_utils.DATASETS[cfg.dataset].num_classes
 
@@ -355,7 +379,7 @@ def build_cohort_group(cfg: Config) -> Ensemble:
 
 def build_cohort(cfg: Config, group: Ensemble) -> Cohort:
     teacher = load_teacher(cfg.teacher, cfg) if cfg.method == "dml+kd" else None
-    kd = KDLoss(cfg.T, cfg.alpha) if teacher is not None else None
+    kd = KDLoss(cfg.T, cfg.ce_weight, cfg.kd_weight) if teacher is not None else None
     return Cohort(group, MutualLearningLoss(cfg.peer_T, cfg.peer_weight, kd), teacher)
 
 
@@ -461,16 +485,8 @@ def main(argv=None) -> dict:
         models = [train_specialists(cfg, head_epochs)[1].model]
     else:
         models = mutual_learning(replace(cfg, method=group)).model
-    _, test_loader = make_loaders(cfg)
-    out = evaluate_group(models, test_loader)
+    out = evaluate_group(models, make_loaders(cfg).test)
     if is_main_process():
         shown = {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
         print(f"{group}: {cfg.members} x {cfg.model} x{cfg.width:g}", shown)
     return out
-
-
-if __name__ == "__main__":
-    # the group models register into `model.GROUPS` from the importable module, not from __main__
-    import multi_student
-
-    multi_student.main(sys.argv[1:])

@@ -17,14 +17,16 @@ An interrupted run resumes from its checkpoint; a finished one is reused, not re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
+import math
 import os
 import sys
 import time
 import typing
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import pandas as pd
 import torch
@@ -32,7 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import data_utils
+from analysis import summarize
 from model import (
+    Registry,
     create_model,
     load_checkpoint,
     read_checkpoint,
@@ -56,19 +60,24 @@ class Config:
     data_dir: str = "./data"  # holds cifar-10-batches-py/ or cifar-100-python/
     download: bool = False  # fetch the official archive if the data is missing
     synthetic: bool = False  # generate a small learnable dataset in data_dir (tests, demos)
-    subset: int = 0  # training images per class (class-balanced); 0: the whole split
+    subset: int = 0  # training images per class (class-balanced, drawn after the hold-out); 0: all of them
+    val_size: int = 0  # images held out of the training split for validation (class-balanced); 0: none
+    split_seed: int = 0  # which images are held out and which form the subset (apart from model/stream seeds)
     batch_size: int = 128
     crop_pad: int = 4  # random crop after zero padding by this many pixels; 0: off
     flip: bool = True  # random horizontal flip
     # model (the network being trained: teacher, baseline or student)
     model: str = "vgg8"
     width: float = 1.0  # channel multiplier
-    # distillation (train_kd.py); method "ce" is plain cross-entropy
+    # distillation (train_kd.py); method "ce" is plain cross-entropy. Loss weights and T left at
+    # None take the method's published recipe (``METHODS[method].recipe``; ``resolve_recipe``).
     method: str = "ce"
     teacher: str = ""  # run folder or checkpoint of the trained teacher
-    T: float = 4.0  # softmax temperature of the KD term
-    alpha: float = 0.9  # weight of the KD term; cross-entropy gets 1 - alpha
-    feat_weight: float = 0.0  # β of a feature method (feature_kd.py); 0: the benchmark's value
+    T: float | None = None  # softmax temperature of the KD term
+    ce_weight: float | None = None  # weight of cross-entropy on the labels
+    kd_weight: float | None = None  # weight of the T²-scaled KD term
+    feat_weight: float | None = None  # β, the weight of a feature method's term (feature_kd.py)
+    alpha: float | None = None  # shorthand for ce_weight = 1 - alpha, kd_weight = alpha
     hint_stage: int = 2  # FitNets: the stage whose output is the hint
     init_from: str = ""  # run folder or checkpoint whose weights initialise the model (e.g. FitNets stage 2)
     # optimisation
@@ -85,11 +94,12 @@ class Config:
     teacher_model: str = "vgg13"
     teacher_width: float = 1.0
     teacher_epochs: int = 240
+    teacher_threads: int = 0  # CPU threads of the demo's teacher run; 0: torch's default
     n_seeds: int = 1
     # several students trained as one run (multi_student.py): deep mutual learning, specialists
     members: int = 1  # students in the run; model and width describe each of them
-    peer_T: float = 1.0  # temperature of the mutual-learning term (Zhang et al. use 1)
-    peer_weight: float = 1.0  # weight of the mutual-learning term
+    peer_T: float | None = None  # temperature of the mutual-learning term (recipe: Zhang et al.'s 1)
+    peer_weight: float | None = None  # weight of the mutual-learning term (recipe: 1)
     budget: int = 0  # parameter budget a group of students must fit in; 0: unchecked
     # teacher-output reuse (train_kd.py): logits stored once per epoch stream, read back by every student
     teacher_cache: bool = False  # logit-only methods; methods that need teacher features run it online
@@ -98,6 +108,9 @@ class Config:
     channels_last: bool = True  # faster convolutions on CPU (oneDNN) and on CUDA
     amp: str = "auto"  # bf16 autocast: auto (on for CUDA only) | bf16 | off
     compile: bool = False  # torch.compile the training module
+    # CPU threads of the run. Results depend on it (reductions split differently), so a sweep fixes
+    # it for every run whatever the number of workers; 0: torch's default (all cores).
+    threads: int = 0
 
 
 PROFILES: dict[str, dict] = {
@@ -111,6 +124,7 @@ PROFILES: dict[str, dict] = {
         teacher_width=0.125,
         teacher_epochs=3,
         epochs=2,
+        val_size=200,
         batch_size=64,
         nesterov=True,
         schedule="cosine",
@@ -127,14 +141,18 @@ PROFILES: dict[str, dict] = {
         teacher_epochs=30,
         epochs=30,
         subset=1000,
+        val_size=5000,  # 500 per class held out: the teacher trains on the other 45,000
         batch_size=128,
         lr=0.05,
         nesterov=True,
         schedule="cosine",
         milestones=[],
         n_seeds=3,
+        threads=1,  # students: 1 thread each, 2 at a time on 2 cores (sweeps, the demo)
+        teacher_threads=2,
     ),
-    # the standard CIFAR-100 KD recipe (Tian et al. 2020): VGG13 -> VGG8, 240 epochs
+    # the standard CIFAR-100 KD recipe (Tian et al. 2020): VGG13 -> VGG8, 240 epochs. No validation
+    # split: the published numbers it is compared with trained on all 50,000 images.
     "paper": dict(
         dataset="cifar100",
         download=True,
@@ -150,8 +168,6 @@ PROFILES: dict[str, dict] = {
         weight_decay=5e-4,
         schedule="multistep",
         milestones=[150, 180, 210],
-        T=4.0,
-        alpha=0.9,
         n_seeds=3,
     ),
 }
@@ -166,7 +182,12 @@ CHOICES = {
 
 
 def make_config(profile: str = "cpu", **overrides) -> Config:
-    """``Config`` from a named profile plus overrides; unknown names are errors."""
+    """``Config`` from a named profile plus overrides; unknown names are errors.
+
+    Loss weights and T left unset stay ``None`` here and take the method's published recipe
+    when the run starts (``resolve_recipe``), so ``replace(cfg, method=...)`` never carries one
+    method's weights into another.
+    """
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose from {sorted(PROFILES)}")
     known = {f.name for f in fields(Config)}
@@ -178,25 +199,140 @@ def make_config(profile: str = "cpu", **overrides) -> Config:
     return cfg
 
 
+WEIGHTS = ("ce_weight", "kd_weight", "feat_weight")
+
+
 def check_config(cfg: Config) -> None:
+    """Clear errors for values no run can use, before any data is read."""
     for key, valid in CHOICES.items():
         if getattr(cfg, key) not in valid:
             raise ValueError(f"{key}={getattr(cfg, key)!r} is not valid; choose from {valid}")
-    for key in ("epochs", "batch_size"):
+    for f in fields(Config):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name}={value} is not a finite number")
+    for key in ("epochs", "batch_size", "members"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key} must be >= 1, got {getattr(cfg, key)}")
-    if not 0 <= cfg.alpha <= 1:
-        raise ValueError(f"alpha weighs KD against cross-entropy and must be in [0, 1], got {cfg.alpha}")
-    if cfg.T <= 0 or cfg.peer_T <= 0:
-        raise ValueError(f"temperatures must be > 0, got T={cfg.T}, peer_T={cfg.peer_T}")
-    if cfg.members < 1:
-        raise ValueError(f"members counts the students of a run and must be >= 1, got {cfg.members}")
+    for key in ("subset", "val_size", "threads", "teacher_threads"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    if cfg.alpha is not None and not 0 <= cfg.alpha <= 1:
+        raise ValueError(
+            f"alpha is the shorthand ce_weight = 1 - alpha, kd_weight = alpha; need 0 <= alpha <= 1, got {cfg.alpha}"
+        )
+    for key in WEIGHTS:
+        if (getattr(cfg, key) or 0) < 0:
+            raise ValueError(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    for key in ("T", "peer_T"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) <= 0:
+            raise ValueError(f"temperatures must be > 0, got {key}={getattr(cfg, key)}")
+    _check_split(cfg)
+
+
+def _check_split(cfg: Config) -> None:
+    """The hold-out and the subset must fit in every class of the official training split."""
+    spec = data_utils.DATASETS[cfg.dataset]
+    if cfg.val_size % spec.num_classes:
+        raise ValueError(
+            f"val_size={cfg.val_size} must be a multiple of the {spec.num_classes} classes of {cfg.dataset} "
+            "(the hold-out is class-balanced)"
+        )
+    per_class = cfg.val_size // spec.num_classes
+    if not cfg.synthetic and per_class + cfg.subset > spec.train_per_class:
+        raise ValueError(
+            f"val_size={cfg.val_size} holds out {per_class} images per class and subset={cfg.subset} asks for "
+            f"{cfg.subset} more, but {cfg.dataset} has {spec.train_per_class} per class: "
+            f"keep val_size/{spec.num_classes} + subset <= {spec.train_per_class}"
+        )
+
+
+# ----------------------------------------------------------------------------- methods and their recipes
+
+
+@dataclass(frozen=True)
+class Method:
+    """A training method as the registry knows it.
+
+    ``build(cfg, student, teacher)`` returns its loss module (None for methods whose run function
+    builds the task itself: ``ce``, the multi-student groups); ``recipe`` holds the Config values of
+    its published recipe (``T``, the loss weights, ``peer_T``...) and ``source`` says where they come from.
+    """
+
+    build: Callable | None
+    recipe: dict
+    source: str
+
+
+RECIPE_FIELDS = ("T", *WEIGHTS, "peer_T", "peer_weight")
+
+# Modules that register methods when imported; loaded when a name is not (yet) registered.
+METHOD_MODULES = ("train_kd", "feature_kd", "multi_student")
+
+
+def _load_method_modules() -> None:
+    import importlib
+
+    for module in METHOD_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name != module:
+                raise
+
+
+METHODS = Registry("method", on_miss=_load_method_modules)
+
+
+def register_method(name: str, *, source: str = "", **recipe):
+    """Decorator registering ``build(cfg, student, teacher) -> loss`` as method ``name`` with the
+    values of its published recipe, e.g. ``@register_method("kd", source="Hinton 2015", T=4.0, ...)``."""
+    unknown = sorted(set(recipe) - set(RECIPE_FIELDS))
+    if unknown:
+        raise TypeError(f"recipe field(s) {unknown} of method {name!r}; recipes set {list(RECIPE_FIELDS)}")
+
+    def add(build):
+        METHODS.register(name)(Method(build, dict(recipe), source))
+        return build
+
+    return add
+
+
+register_method("ce", source="plain cross-entropy on the labels")(None)
+
+
+def resolve_recipe(cfg: Config) -> Config:
+    """``cfg`` with every loss weight and temperature it leaves at None taken from its method's
+    published recipe; explicit values stay. ``alpha`` is rewritten as ``ce_weight = 1 - alpha,
+    kd_weight = alpha``. Checks that the weights the run uses are not all zero."""
+    method = METHODS.get(cfg.method)
+    values: dict = {}
+    if cfg.alpha is not None:
+        if cfg.ce_weight is not None or cfg.kd_weight is not None:
+            raise ValueError(
+                f"give alpha (={cfg.alpha}) or ce_weight/kd_weight, not both: alpha means "
+                "ce_weight = 1 - alpha, kd_weight = alpha"
+            )
+        values = {"ce_weight": 1 - cfg.alpha, "kd_weight": cfg.alpha, "alpha": None}
+    for key, default in method.recipe.items():
+        if getattr(cfg, key) is None and key not in values:
+            values[key] = default
+    out = replace(cfg, **values)
+    used = [getattr(out, k) for k in WEIGHTS if k in method.recipe]
+    if used and not any(used):
+        raise ValueError(
+            f"every loss weight of method {cfg.method!r} is zero "
+            f"({', '.join(f'{k}={getattr(out, k)}' for k in WEIGHTS if k in method.recipe)}): nothing to train on"
+        )
+    return out
 
 
 # ----------------------------------------------------------------------------- command line
 
 
 def _arg_type(tp):
+    if type(None) in typing.get_args(tp):  # ``float | None``: None (the recipe) is the unset option
+        tp = next(t for t in typing.get_args(tp) if t is not type(None))
     if tp in (int, float, str):
         return dict(type=tp)
     if tp is bool:
@@ -247,6 +383,7 @@ NOT_IN_IDENTITY = {
     "teacher_model",
     "teacher_width",
     "teacher_epochs",
+    "teacher_threads",
     "budget",
 }
 
@@ -258,9 +395,10 @@ TEACHERLESS = ("ce", "dml")
 def run_identity(cfg: Config) -> dict:
     """The fields that decide what a run computes; those at their class default are left out,
     so adding a field (whose default keeps the old behaviour) leaves earlier runs reusable."""
+    cfg = resolve_recipe(cfg)
     defaults = asdict(Config())
     ident = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_IDENTITY and v != defaults[k]}
-    unused = ("teacher", "T", "alpha", "feat_weight", "hint_stage", "teacher_cache", "cache_dtype")
+    unused = ("teacher", "T", *WEIGHTS, "hint_stage", "teacher_cache", "cache_dtype")
     unused = unused if cfg.method in TEACHERLESS else ()
     if cfg.schedule != "multistep":
         unused += ("milestones", "gamma")
@@ -595,14 +733,17 @@ def fit(
     cfg: Config,
     run_dir: str | None = None,
     callbacks: tuple[Callable[[int, dict], None], ...] = (),
+    val_loader=None,
 ) -> pd.DataFrame:
     """Train ``module`` for ``cfg.epochs``; returns the per-epoch history.
 
     ``module``: a model returning logits (trained with cross-entropy) or anything with a
     ``.student`` whose ``forward(x, y)`` returns ``(logits, {term: loss})``; if it has a
-    ``test_metrics(loader, amp)`` method, that gives the epoch's ``test_*`` columns. With ``run_dir``
-    every epoch is checkpointed and an earlier, unfinished run there is resumed.
-    ``callbacks`` are called as ``cb(epoch, row)`` after each epoch's checkpoint.
+    ``test_metrics(loader, amp)`` method, that gives the epoch's ``val_*``/``test_*`` columns.
+    With ``val_loader`` every epoch is also evaluated on the held-out validation images (the
+    ``val_*`` columns every choice is made on). With ``run_dir`` every epoch is checkpointed and
+    an earlier, unfinished run there is resumed. ``callbacks`` are called as ``cb(epoch, row)``
+    after each epoch's checkpoint.
     """
     device = resolve_device(cfg.device)
     task = _as_task(module)
@@ -630,15 +771,18 @@ def fit(
         row = {"epoch": epoch + 1, "lr": lr}
         row.update(train_one_epoch(task, step, train_loader, optimizer, device, amp))
         _average_buffers(task)
+        if val_loader is not None:
+            row.update({f"val_{k}": v for k, v in test_metrics(task, val_loader, amp).items()})
         test = test_metrics(task, test_loader, amp)
         row.update({f"test_{k}": v for k, v in test.items()})
         row["seconds"] = time.perf_counter() - t0
+        row["threads"] = torch.get_num_threads() if device.type == "cpu" else 0
         scheduler.step()
         history.append(row)
         if run_dir and is_main_process():  # one writer; every rank holds the same weights
             _save(task, optimizer, scheduler, run_dir, cfg, history, epoch + 1)
         bar.update(1)
-        bar.set_postfix(loss=f"{row['train_loss']:.3f}", test_top1=f"{row['test_top1']:.2f}")
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}", **{k: f"{row[k]:.2f}" for k in ("val_top1",) if k in row})
         for cb in callbacks:
             cb(epoch, row)
     bar.close()
@@ -666,8 +810,9 @@ def prepare_data(cfg: Config) -> None:
         data_utils.download_cifar(cfg.dataset, cfg.data_dir)
 
 
-def make_loaders(cfg: Config):
-    """Training loader (this process's shard under torchrun) and the whole test set."""
+def make_loaders(cfg: Config) -> data_utils.CifarLoaders:
+    """``(train, val, test)``: training loader (this process's shard under torchrun), the held-out
+    validation images (None when ``cfg.val_size`` is 0) and the whole test set."""
     rank, world = distributed()
     if is_main_process():
         prepare_data(cfg)
@@ -679,6 +824,8 @@ def make_loaders(cfg: Config):
         cfg.data_dir,
         device=device,
         subset_per_class=cfg.subset or None,
+        val_size=cfg.val_size,
+        split_seed=cfg.split_seed,
         aug={"crop_pad": cfg.crop_pad, "flip": cfg.flip},
         seed=cfg.data_seed,
         channels_last=cfg.channels_last,
@@ -719,65 +866,34 @@ def train(
     say); plain cross-entropy training when it is None. ``wrap_loader(task, loader, cfg)``
     may replace the training stream (e.g. to add cached teacher outputs to each batch).
     ``make_student(cfg)`` builds what is trained and checkpointed (a group of students, say).
+    Loss weights and T left at None take the method's recipe first (``resolve_recipe``); the
+    result's ``config`` is the resolved one, as saved in the run folder.
     """
+    cfg = resolve_recipe(cfg)
     run_dir = run_dir_for(cfg)
     done = finished_run(run_dir, cfg)
     if done is not None:
         return done
-    set_seed(cfg.seed)
-    student = make_student(cfg)
-    task = make_task(cfg, student) if make_task else Vanilla(student)
-    train_loader, test_loader = make_loaders(cfg)  # draws from its own generators, not the seed above
-    if wrap_loader:
-        train_loader = wrap_loader(task, train_loader, cfg)
-    history = fit(task, train_loader, test_loader, cfg, run_dir)
+    with thread_count(cfg.threads):
+        set_seed(cfg.seed)
+        student = make_student(cfg)
+        task = make_task(cfg, student) if make_task else Vanilla(student)
+        loaders = make_loaders(cfg)  # draws from its own generators, not the seed above
+        train_loader = wrap_loader(task, loaders.train, cfg) if wrap_loader else loaders.train
+        history = fit(task, train_loader, loaders.test, cfg, run_dir, val_loader=loaders.val)
     return RunResult(task.student.cpu(), history, run_dir, cfg)
 
 
-def summarize(history: pd.DataFrame) -> dict:
-    """Last- and best-epoch test accuracy of one run."""
-    best = history.loc[history["test_top1"].idxmax()]
-    last = history.iloc[-1]
-    return {
-        "last_top1": last["test_top1"],
-        "last_top5": last["test_top5"],
-        "best_top1": best["test_top1"],
-        "best_top5": history["test_top5"].max(),
-        "best_epoch": int(best["epoch"]),
-        "train_seconds": history["seconds"].sum(),
-    }
-
-
-ACCURACY_COLUMNS = ("last_top1", "last_top5", "best_top1", "best_top5")
-
-
-def summarize_seeds(results: list[RunResult]) -> dict:
-    """Mean and sample std over seeds of each accuracy in ``summarize``, and the mean minutes."""
-    stats = pd.DataFrame([summarize(r.history) for r in results])
-    out: dict = {"seeds": len(results)}
-    for col in ACCURACY_COLUMNS:
-        out[col] = stats[col].mean()
-        out[f"{col}_std"] = stats[col].std(ddof=1) if len(results) > 1 else float("nan")
-    out["minutes"] = stats["train_seconds"].mean() / 60
-    return out
-
-
-def mean_std_table(groups: dict[str, list[RunResult]], columns=ACCURACY_COLUMNS) -> pd.DataFrame:
-    """One row per group, each accuracy as "mean ± std" over its seeds (for display)."""
-    rows = {}
-    for name, results in groups.items():
-        s = summarize_seeds(results)
-        rows[name] = {"seeds": s["seeds"], **{c: f"{s[c]:.2f} ± {s[c + '_std']:.2f}" for c in columns}}
-    return pd.DataFrame.from_dict(rows, orient="index")
-
-
-def plot_seeds(ax, results: list[RunResult], column: str, label: str | None = None, **style):
-    """Mean over seeds of one per-epoch metric, with a ±1 std band; returns the line."""
-    values = pd.concat([r.history.set_index("epoch")[column] for r in results], axis=1)
-    mean, std = values.mean(axis=1), values.std(axis=1).fillna(0)
-    (line,) = ax.plot(mean.index, mean, label=label, **style)
-    ax.fill_between(mean.index, mean - std, mean + std, alpha=0.2, color=line.get_color())
-    return line
+@contextlib.contextmanager
+def thread_count(threads: int):
+    """Run the body with ``threads`` CPU threads (0: leave torch's setting), then restore it."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def print_result(result: RunResult) -> None:

@@ -10,37 +10,55 @@ that returns named terms; ``register_method`` adds one without touching the trai
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import sys
 import time
-from dataclasses import replace
+import typing
+from dataclasses import fields, replace
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import data_utils
-from model import Registry, atomic_save, count_flops, count_params, create_model, load_checkpoint
+from analysis import compare, plot_seeds, summarize, summarize_seeds
+from model import atomic_save, count_flops, count_params, create_model, load_checkpoint
 from train_eval import (
+    METHODS,
     Config,
     RunResult,
     Vanilla,
     amp_enabled,
+    atomic_write_text,
     build_optimizer,
     build_parser,
+    check_config,
     config_from_args,
+    distributed,
     is_main_process,
     make_loaders,
     optimizer_step,
     per_sample_kl,
-    plot_seeds,
     print_result,
+    register_method,
     resolve_device,
-    summarize_seeds,
+    resolve_recipe,
+    run_dir_for,
+    run_name,
     train,
 )
+
+if __name__ == "__main__":
+    # Run as the importable module, then stop: the methods below register into the shared
+    # registry once, as `train_kd`, never a second time as `__main__`.
+    import train_kd
+
+    train_kd.main(sys.argv[1:])
+    sys.exit(0)
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
@@ -61,23 +79,28 @@ def kd_loss(logits_s: torch.Tensor, logits_t: torch.Tensor, T: float) -> torch.T
 class KDLoss(nn.Module):
     """Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network".
 
-    L = (1 - α) · CE(z_s, y) + α · T² · KL(softmax(z_t/T) ‖ softmax(z_s/T)), batch mean.
-    Returns the weighted terms ``{"ce": (1-α)·CE, "kd": α·T²·KL}``; their sum is L.
-    The CIFAR-100 benchmark recipe is T = 4, α = 0.9.
+    L = w_ce · CE(z_s, y) + w_kd · T² · KL(softmax(z_t/T) ‖ softmax(z_s/T)), batch mean.
+    Returns the weighted terms ``{"ce": w_ce·CE, "kd": w_kd·T²·KL}``; their sum is L. The
+    weights are free (mdistiller's convention), not tied to sum to 1. The CIFAR-100 benchmark
+    recipe is w_ce = 0.1, w_kd = 0.9, T = 4 (RepDistiller, mdistiller).
     """
 
     needs_features = False
 
-    def __init__(self, T: float = 4.0, alpha: float = 0.9):
+    def __init__(self, T: float = 4.0, ce_weight: float = 0.1, kd_weight: float = 0.9):
         super().__init__()
-        if T <= 0 or not 0 <= alpha <= 1:
-            raise ValueError(f"need T > 0 and 0 <= alpha <= 1, got T={T}, alpha={alpha}")
-        self.T, self.alpha = T, alpha
+        if T <= 0 or ce_weight < 0 or kd_weight < 0:
+            raise ValueError(f"need T > 0 and weights >= 0, got T={T}, ce_weight={ce_weight}, kd_weight={kd_weight}")
+        self.T, self.ce_weight, self.kd_weight = T, ce_weight, kd_weight
+
+    def match(self, logits_s: torch.Tensor, logits_t: torch.Tensor) -> torch.Tensor:
+        """The unweighted soft-target term, T²·KL."""
+        return kd_loss(logits_s, logits_t, self.T)
 
     def forward(self, logits_s, logits_t, target, **_) -> dict[str, torch.Tensor]:
         return {
-            "ce": (1 - self.alpha) * F.cross_entropy(logits_s, target),
-            "kd": self.alpha * kd_loss(logits_s, logits_t, self.T),
+            "ce": self.ce_weight * F.cross_entropy(logits_s, target),
+            "kd": self.kd_weight * self.match(logits_s, logits_t),
         }
 
 
@@ -90,17 +113,18 @@ def standardize(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
 class LogitStandardKDLoss(KDLoss):
     """Sun et al., CVPR 2024, "Logit Standardization in Knowledge Distillation".
 
-    L = (1 - α) · CE(z_s, y) + α · τ² · KL(softmax(z̃_t/τ) ‖ softmax(z̃_s/τ)),
+    L = w_ce · CE(z_s, y) + w_kd · τ² · KL(softmax(z̃_t/τ) ‖ softmax(z̃_s/τ)),
     z̃ = (z - mean_k z) / (std_k z + ε) per sample. The student need only match the teacher's
     logit *relations*, not their scale or shift: in effect a per-sample temperature τ·σ(z).
-    Cross-entropy stays on the raw logits. Sun et al. use τ = 2 (base temperature).
+    Cross-entropy stays on the raw logits. The released recipe is w_ce = 0.1, w_kd = 9, τ = 2
+    (base temperature; their VGG13→VGG8 log uses τ = 3).
     """
 
-    def forward(self, logits_s, logits_t, target, **_) -> dict[str, torch.Tensor]:
-        return {
-            "ce": (1 - self.alpha) * F.cross_entropy(logits_s, target),
-            "kd": self.alpha * kd_loss(standardize(logits_s), standardize(logits_t), self.T),
-        }
+    def __init__(self, T: float = 2.0, ce_weight: float = 0.1, kd_weight: float = 9.0):
+        super().__init__(T, ce_weight, kd_weight)
+
+    def match(self, logits_s: torch.Tensor, logits_t: torch.Tensor) -> torch.Tensor:
+        return kd_loss(standardize(logits_s), standardize(logits_t), self.T)
 
 
 def conflict_analysis(teacher: torch.Tensor, kd: torch.Tensor, independent: torch.Tensor, standardized) -> dict:
@@ -257,37 +281,31 @@ def use_teacher_cache(task: nn.Module, loader, cfg: Config):
     return CachedTeacherLoader(loader, task.teacher, os.path.join(cfg.out_dir, "teacher_cache"), amp, dtype)
 
 
-# ----------------------------------------------------------------------------- method registry
+# ----------------------------------------------------------------------------- methods
 
-PLUGIN_MODULES = ("feature_kd",)  # modules that register further methods when imported
-
-
-def _load_plugins() -> None:
-    import importlib
-
-    for module in PLUGIN_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name != module:
-                raise
-
-
-# name -> builder(cfg, student, teacher) returning a loss module
-METHODS = Registry("distillation method", on_miss=_load_plugins)
-register_method = METHODS.register
-get_method = METHODS.get
+# The registry lives with the loop (train_eval.METHODS) so that run identities can read every
+# method's recipe; ``register_method`` adds one with its published defaults and their source.
 list_methods = METHODS.names
 
+KD_RECIPE = dict(T=4.0, ce_weight=0.1, kd_weight=0.9)
+KD_SOURCE = "Hinton et al. 2015; CIFAR-100 recipe of RepDistiller (-r 0.1 -a 0.9, kd_T 4) and mdistiller (KD.yaml)"
 
-@register_method("kd")
+
+@register_method("kd", source=KD_SOURCE, **KD_RECIPE)
 def _build_kd(cfg: Config, student: nn.Module, teacher: nn.Module) -> nn.Module:
-    return KDLoss(T=cfg.T, alpha=cfg.alpha)
+    return KDLoss(cfg.T, cfg.ce_weight, cfg.kd_weight)
 
 
-@register_method("kd_ls")
+@register_method(
+    "kd_ls",
+    source="Sun et al. 2024, released code (README and mdistiller/engine/cfg.py): --logit-stand --base-temp 2 "
+    "--kd-weight 9, CE 0.1",
+    T=2.0,
+    ce_weight=0.1,
+    kd_weight=9.0,
+)
 def _build_kd_ls(cfg: Config, student: nn.Module, teacher: nn.Module) -> nn.Module:
-    return LogitStandardKDLoss(T=cfg.T, alpha=cfg.alpha)
+    return LogitStandardKDLoss(cfg.T, cfg.ce_weight, cfg.kd_weight)
 
 
 def load_teacher(path: str, cfg: Config) -> nn.Module:
@@ -307,6 +325,19 @@ def build_distiller(cfg: Config, student: nn.Module) -> Distiller:
     return Distiller(student, teacher, loss)
 
 
+def get_method(name: str):
+    """The loss builder ``build(cfg, student, teacher)`` of a distillation method; it fills the
+    config's unset weights and temperature from the method's recipe before building."""
+    build = METHODS.get(name).build
+    if build is None:
+        raise ValueError(f"method {name!r} has no distillation loss; distillation methods: {', '.join(loss_methods())}")
+    return lambda cfg, student, teacher: build(resolve_recipe(cfg), student, teacher)
+
+
+def loss_methods() -> list[str]:
+    return [name for name in METHODS.names() if METHODS[name].build is not None]
+
+
 def distill(cfg: Config) -> RunResult:
     """Train (or reuse) the student that ``cfg`` describes, distilled with ``cfg.method``."""
     if cfg.method == "ce":
@@ -322,7 +353,7 @@ def distill(cfg: Config) -> RunResult:
 def _cost_worker(cfg: Config, steps: int, queue) -> None:
     import resource
 
-    train_loader, _ = make_loaders(cfg)
+    train_loader = make_loaders(cfg).train
     num_classes = data_utils.DATASETS[cfg.dataset].num_classes
     student = create_model(cfg.model, num_classes=num_classes, width=cfg.width)
     task = build_distiller(cfg, student) if cfg.method != "ce" else Vanilla(student)
@@ -377,16 +408,214 @@ def measure_cost(cfg: Config, steps: int = 20) -> dict:
     return result
 
 
+# ----------------------------------------------------------------------------- many runs: sweeps
+
+
+def default_jobs(threads: int) -> int:
+    """Worker processes that fill this machine's cores at ``threads`` threads each."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, threads))
+
+
+def _run_in_worker(run, cfg: Config) -> dict:
+    """One run in a worker process: no per-epoch bars (the sweep shows one bar over runs)."""
+    os.environ["KD_PROGRESS"] = "0"
+    result = run(cfg)
+    return {"run_dir": result.run_dir, "history": result.history}
+
+
+def run_many(configs: list[Config], jobs: int | str = "auto", run=None, desc: str = "runs") -> list[dict]:
+    """Run every config (each an ordinary run folder: finished ones are reused, unfinished resumed).
+
+    ``jobs`` worker processes (``spawn``; ``"auto"``: cores // threads per run) share the work;
+    with 1 the runs go one after the other in this process. Each run uses its own
+    ``cfg.threads``, so its numbers do not depend on ``jobs``. Returns, in the order of
+    ``configs``, ``{"run_dir", "history"}`` or ``{"error"}`` for a run that failed; the others
+    still finish. ``run`` (default ``distill``) must be importable by name (a module-level function).
+    """
+    run = run or distill
+    jobs = default_jobs(max(c.threads for c in configs) if configs else 1) if jobs == "auto" else jobs
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a whole number >= 1 or 'auto', got {jobs!r}")
+    from tqdm.auto import tqdm
+
+    out: list[dict] = [{} for _ in configs]
+    bar = tqdm(total=len(configs), desc=desc, unit="run", disable=os.environ.get("KD_PROGRESS", "1") == "0")
+    if jobs == 1 or len(configs) <= 1:
+        for i, cfg in enumerate(configs):
+            out[i] = _guarded(run, cfg)
+            bar.update(1)
+        bar.close()
+        return out
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_run_in_worker, run, cfg): i for i, cfg in enumerate(configs)}
+        for future in as_completed(futures):
+            i = futures[future]
+            try:
+                out[i] = future.result()
+            except Exception as err:  # a crashed worker (BrokenProcessPool) lands here too
+                out[i] = {"error": f"{type(err).__name__}: {err}"}
+            bar.update(1)
+    bar.close()
+    return out
+
+
+def _guarded(run, cfg: Config) -> dict:
+    try:
+        return _run_in_worker(run, cfg)
+    except Exception as err:
+        return {"error": f"{type(err).__name__}: {err}"}
+
+
+def expand_grid(cfg: Config, grid: dict[str, list], seeds) -> list[tuple[dict, int, Config]]:
+    """Every (cell, seed, config) of a grid, checked before anything runs.
+
+    A cell sets the grid's Config fields; a seed sets ``seed`` and ``data_seed`` together, so
+    two cells with the same seed are paired (same initialisation, same data stream).
+    """
+    known = sorted(f.name for f in fields(Config))
+    if not grid or any(len(list(v)) == 0 for v in grid.values()):
+        raise ValueError(f"empty grid {grid!r}: give each swept field at least one value, e.g. {{'T': [1, 2, 4]}}")
+    for key in grid:
+        if key not in known:
+            raise ValueError(f"grid key {key!r} is not a Config field; valid fields: {', '.join(known)}")
+        if key in ("seed", "data_seed"):
+            raise ValueError("seeds are not a grid field: pass seeds=... (each seed sets seed and data_seed)")
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError("no seeds: pass seeds=range(3) or similar")
+    keys = list(grid)
+    out = []
+    for values in itertools.product(*(list(grid[k]) for k in keys)):
+        cell = dict(zip(keys, values, strict=True))
+        for seed in seeds:
+            run_cfg = replace(cfg, **cell, seed=seed, data_seed=seed, name="", threads=cfg.threads or 1)
+            check_config(run_cfg)
+            out.append((cell, seed, resolve_recipe(run_cfg)))
+    return out
+
+
+def sweep(
+    cfg: Config,
+    grid: dict[str, list],
+    seeds=range(3),
+    jobs: int | str = "auto",
+    best_by: str = "val_top1",
+    run=None,
+) -> pd.DataFrame:
+    """Train every cell of ``grid`` × ``seeds`` (in parallel) and return one row per run.
+
+    Rows carry the cell's values, the seed, the run folder, last-epoch ``val_top1``/``val_loss``
+    and ``test_top1``/``test_top5``, and the epoch of best validation accuracy with the test
+    accuracy there. The cell whose mean ``best_by`` over seeds is highest is marked in column
+    ``best`` and in ``df.attrs["best"]``; choose on validation columns, report test for that cell.
+    Runs without ``threads`` set use 1 thread each. Failed runs are reported together at the
+    end (their folders keep what was saved); run the same sweep again to redo only those.
+    Each run is an ordinary, independent command, so a cluster can take them instead
+    (``python train_kd.py --sweep ... --jobs 1`` per array task, or ``run_many`` under submitit).
+    """
+    runs = expand_grid(cfg, grid, seeds)
+    done = run_many([c for _, _, c in runs], jobs=jobs, run=run, desc="sweep")
+    rows, failed = [], []
+    for (cell, seed, run_cfg), res in zip(runs, done, strict=True):
+        row = {**cell, "seed": seed, "threads": run_cfg.threads}
+        if "error" in res:
+            failed.append(f"{run_name(run_cfg)}: {res['error']}")
+            rows.append({**row, "run_dir": run_dir_for(run_cfg), "error": res["error"]})
+            continue
+        rows.append({**row, "run_dir": res["run_dir"], **_sweep_metrics(res["history"])})
+    df = pd.DataFrame(rows)
+    _write_sweep(cfg, grid, df)
+    if failed:
+        err = RuntimeError(
+            f"{len(failed)} of {len(runs)} runs failed (the others finished; rerunning the sweep redoes only "
+            "the missing ones):\n  " + "\n  ".join(failed)
+        )
+        err.results = df
+        raise err
+    return mark_best(df, list(grid), best_by)
+
+
+def _sweep_metrics(history: pd.DataFrame) -> dict:
+    s = summarize(history)
+    last = history.iloc[-1]
+    return {
+        "val_top1": last.get("val_top1", float("nan")),
+        "val_loss": last.get("val_loss", float("nan")),
+        "test_top1": last["test_top1"],
+        "test_top5": last["test_top5"],
+        "best_epoch": s["best_epoch"],
+        "test_top1_at_best": s["best_top1"],
+        "minutes": s["train_seconds"] / 60,
+    }
+
+
+def mark_best(df: pd.DataFrame, keys: list[str], by: str = "val_top1") -> pd.DataFrame:
+    """Mark the rows of the cell with the highest mean ``by`` over seeds (``best`` column, ``attrs``)."""
+    if by not in df:
+        raise ValueError(f"best_by={by!r} is not a column of the sweep; columns: {', '.join(df.columns)}")
+    if df[by].isna().all():
+        raise ValueError(f"no run has {by!r} (val_size=0 means no validation split to choose on)")
+    means = df.groupby(keys, dropna=False)[by].mean()
+    best = means.idxmax()
+    best = dict(zip(keys, best if isinstance(best, tuple) else (best,), strict=True))
+    df = df.copy()
+    df["best"] = np.logical_and.reduce([df[k] == v for k, v in best.items()])
+    df.attrs["best"] = best
+    df.attrs["best_by"] = by
+    return df
+
+
+def _write_sweep(cfg: Config, grid: dict, df: pd.DataFrame) -> None:
+    """The sweep's table as data: ``<out_dir>/sweeps/<digest>.csv`` beside the run folders."""
+    key = json.dumps({"base": run_name(replace(cfg, name="")), "grid": grid}, sort_keys=True, default=str)
+    path = os.path.join(cfg.out_dir, "sweeps", f"sweep-{hashlib.sha1(key.encode()).hexdigest()[:8]}.csv")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write_text(path, df.to_csv(index=False))
+    df.attrs["path"] = path
+
+
+def parse_grid(items: list[str]) -> dict[str, list]:
+    """``["T=1,2,4", "kd_weight=1,3,9"]`` → ``{"T": [1.0, 2.0, 4.0], "kd_weight": [1.0, 3.0, 9.0]}``."""
+    hints = typing.get_type_hints(Config)
+    grid = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not values:
+            raise ValueError(f"sweep item {item!r} is not FIELD=V1,V2,...")
+        if key not in hints:
+            raise ValueError(f"grid key {key!r} is not a Config field; valid fields: {', '.join(sorted(hints))}")
+        tp = next((t for t in typing.get_args(hints[key]) if t is not type(None)), hints[key])
+        cast = (lambda v: v.lower() in ("1", "true", "yes")) if tp is bool else tp
+        grid[key] = [cast(v.strip()) for v in values.split(",")]
+    return grid
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0-2"`` → [0, 1, 2]; ``"0,3,5"`` → [0, 3, 5]."""
+    seeds = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        seeds += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    return seeds
+
+
 # ----------------------------------------------------------------------------- the demo
 
 
 def teacher_config(cfg: Config) -> Config:
-    """The demo's teacher: ``teacher_*`` fields, cross-entropy, the whole training split."""
+    """The demo's teacher: ``teacher_*`` fields, cross-entropy, the whole training split but
+    the validation hold-out (the same images the students hold out)."""
     return replace(
         cfg,
         model=cfg.teacher_model,
         width=cfg.teacher_width,
         epochs=cfg.teacher_epochs,
+        threads=cfg.teacher_threads,
         subset=0,
         method="ce",
         teacher="",
@@ -407,8 +636,9 @@ def _row(role: str, results: list[RunResult]) -> dict:
         "seeds": len(results),
         "top1": stats["last_top1"],
         "top1_std": stats["last_top1_std"],
+        "top1_ci95": stats["last_top1_ci95"],
         "top5": stats["last_top5"],
-        "best_top1": stats["best_top1"],
+        "val_top1": pd.Series([r.history["val_top1"].iloc[-1] for r in results if "val_top1" in r.history]).mean(),
         "minutes": stats["minutes"],
     }
 
@@ -429,55 +659,98 @@ def plot_curves(groups: dict[str, list[RunResult]], teacher: RunResult, path: st
 
 
 def run_demo(cfg: Config) -> pd.DataFrame:
-    """Teacher, independent students and KD students with the same budget; table + plot."""
+    """Teacher, then independent and KD students (same seeds, paired) in parallel; table + plot.
+
+    The table's ``attrs["kd_vs_independent"]`` is the paired comparison of the two students.
+    """
     teacher = train(teacher_config(cfg))
     seeds = range(cfg.seed, cfg.seed + cfg.n_seeds)
-    independent = [train(replace(cfg, method="ce", teacher="", seed=s, data_seed=s)) for s in seeds]
-    kd = [distill(replace(cfg, method="kd", teacher=teacher.run_dir, seed=s, data_seed=s)) for s in seeds]
+    configs = [replace(cfg, method="ce", teacher="", seed=s, data_seed=s) for s in seeds]
+    configs += [replace(cfg, method="kd", teacher=teacher.run_dir, seed=s, data_seed=s) for s in seeds]
+    jobs = "auto" if distributed()[1] == 1 else 1  # under torchrun every rank trains each run together
+    done = run_many(configs, jobs=jobs, desc="students")
+    failed = [f"{run_name(c)}: {d['error']}" for c, d in zip(configs, done, strict=True) if "error" in d]
+    if failed:
+        raise RuntimeError("demo runs failed:\n  " + "\n  ".join(failed))
+    results = [train(c) if c.method == "ce" else distill(c) for c in configs]  # finished: read back, not retrained
+    independent, kd = results[: len(seeds)], results[len(seeds) :]
     table = pd.DataFrame([_row("teacher", [teacher]), _row("independent", independent), _row("kd", kd)])
+    table.attrs["kd_vs_independent"] = compare(kd, independent) if len(seeds) > 1 else None
     out = os.path.join(cfg.out_dir, f"demo-{cfg.profile}")
     if not is_main_process():
         return table
     os.makedirs(out, exist_ok=True)
     table.to_csv(os.path.join(out, "results.csv"), index=False)
-    plot_curves(
-        {"independent": independent, f"KD (T={cfg.T:g}, α={cfg.alpha:g})": kd}, teacher, os.path.join(out, "curves.png")
-    )
+    k = kd[0].config
+    label = f"KD (T={k.T:g}, CE {k.ce_weight:g}, KD {k.kd_weight:g})"
+    plot_curves({"independent": independent, label: kd}, teacher, os.path.join(out, "curves.png"))
     return table
 
 
-def main(argv=None):
-    parser = build_parser("Distill a student from a trained teacher (or run the demo with --demo).")
+def _add_cli_options(parser) -> None:
     parser.add_argument(
         "--demo",
         action="store_true",
         default=False,
         help="train teacher, independent and KD students; print a comparison table",
     )
+    parser.add_argument(
+        "--sweep",
+        nargs="+",
+        metavar="FIELD=V1,V2",
+        default=None,
+        help="train every combination, e.g. --sweep T=1,2,4 kd_weight=1,3,9 (with --seeds, --jobs)",
+    )
+    parser.add_argument("--seeds", default=None, help="sweep seeds: 0-2 or 0,3,5 (default: 0 to n_seeds-1)")
+    parser.add_argument("--jobs", default="auto", help="sweep worker processes (default auto: cores // threads)")
+
+
+def main(argv=None):
+    parser = build_parser("Distill a student from a trained teacher (or run the demo with --demo).")
+    _add_cli_options(parser)
     args = parser.parse_args(argv)
-    demo = args.demo
-    del args.demo
+    demo, grid, seeds, jobs = args.demo, args.sweep, args.seeds, args.jobs
+    del args.demo, args.sweep, args.seeds, args.jobs
     if not hasattr(args, "method"):
         args.method = "kd"  # this is the distillation command line
-    cfg = config_from_args(args)
-    if demo:
-        table = run_demo(cfg)
-        if not is_main_process():
-            return table
-        out = os.path.join(cfg.out_dir, f"demo-{cfg.profile}")
-        print(f"\nresults: {out}/results.csv, plot: {out}/curves.png")
-        print(table.round(2).to_string(index=False))
-        return table
-    if cfg.method != "ce" and not cfg.teacher:
-        parser.error("--teacher RUN_OR_CHECKPOINT is required for distillation")
+    try:
+        cfg = config_from_args(args)
+        if demo:
+            return _main_demo(cfg)
+        if cfg.method != "ce" and not cfg.teacher:
+            parser.error("--teacher RUN_OR_CHECKPOINT is required for distillation")
+        if grid:
+            seeds = parse_seeds(seeds) if seeds else range(cfg.n_seeds)
+            return _main_sweep(cfg, parse_grid(grid), seeds, jobs if jobs == "auto" else int(jobs))
+        resolve_recipe(cfg)
+    except (ValueError, TypeError, KeyError) as err:
+        parser.error(str(err))
     result = distill(cfg)
     print_result(result)
     return result
 
 
-if __name__ == "__main__":
-    # run main from the importable module: plugins (feature_kd) register their methods into
-    # `train_kd.METHODS`, which as a script would be a second copy of this file's registry
-    import train_kd
+def _main_demo(cfg: Config) -> pd.DataFrame:
+    table = run_demo(cfg)
+    if not is_main_process():
+        return table
+    out = os.path.join(cfg.out_dir, f"demo-{cfg.profile}")
+    print(f"\nresults: {out}/results.csv, plot: {out}/curves.png")
+    print(table.round(2).to_string(index=False))
+    if table.attrs.get("kd_vs_independent") is not None:
+        print(f"\nKD − independent, paired by seed (last-epoch test top-1): {table.attrs['kd_vs_independent']}")
+    return table
 
-    train_kd.main(sys.argv[1:])
+
+def _main_sweep(cfg: Config, grid: dict, seeds, jobs) -> pd.DataFrame:
+    df = sweep(cfg, grid, seeds=seeds, jobs=jobs)
+    keys = list(grid)
+    cells = df.groupby(keys)[["val_top1", "test_top1"]].agg(["mean", "std", "count"])
+    print(f"\nsweep: {len(df)} runs, table: {df.attrs['path']}")
+    print(cells.round(2).to_string())
+    best = df[df["best"]]
+    print(
+        f"\npicked on validation: {df.attrs['best']} — val top-1 {best['val_top1'].mean():.2f}, "
+        f"test top-1 {best['test_top1'].mean():.2f} ± {best['test_top1'].std():.2f} (n={len(best)})"
+    )
+    return df

@@ -8,7 +8,8 @@ so slow drifts of the machine hit all cases alike; ratios, not absolute times, a
 Sections: matmul peak; data pipeline (torchvision DataLoader + PIL vs ``CifarLoader``); end to
 end for the smallest ``cpu``-profile student; achieved FLOP/s of training steps; KD step cost
 (online teacher, cached teacher logits); bf16 autocast speed, with an optional accuracy-parity
-check (``--parity``: short real-data runs, 3 seeds each, fp32 vs bf16).
+check (``--parity``: short real-data runs, 3 seeds each, fp32 vs bf16); student runs per hour of a
+small sweep, worker processes x 1 thread vs one run at a time with every thread.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data_utils  # noqa: E402
+from analysis import summarize  # noqa: E402
 from model import create_model  # noqa: E402
-from train_eval import build_optimizer, make_config, optimizer_step, summarize, train  # noqa: E402
-from train_kd import Distiller, KDLoss  # noqa: E402
+from train_eval import build_optimizer, make_config, optimizer_step, train  # noqa: E402
+from train_kd import Distiller, KDLoss, run_many  # noqa: E402
 
 MEAN, STD = data_utils.CIFAR10_MEAN, data_utils.CIFAR10_STD
 
@@ -246,7 +248,7 @@ def bench_kd(args) -> dict:
     torch.manual_seed(0)
     student = create_model(s_name, num_classes=100, width=s_w).to(memory_format=torch.channels_last)
     teacher = create_model(t_name, num_classes=100, width=t_w).to(memory_format=torch.channels_last)
-    distiller = Distiller(student, teacher, KDLoss(T=4.0, alpha=0.9)).train()
+    distiller = Distiller(student, teacher, KDLoss(T=4.0, ce_weight=0.1, kd_weight=0.9)).train()
     x, y = fake_batch(args.batch, 100)
     cached = distiller.teacher(x)  # (B, 100), what CachedTeacherLoader would hand over
     ce = ce_task(s_name, s_w, 100)
@@ -292,6 +294,43 @@ def bench_parity(args) -> dict:
     return rows
 
 
+def bench_sweep(args) -> dict:
+    """Student runs per hour of a small sweep: ``jobs`` workers x 1 thread vs one run at a time
+    with all threads (how runs went before sweeps). Fresh run folders each time (nothing reused);
+    the two ways alternate ``repeats`` times and the median wall time of each is kept."""
+    import tempfile
+
+    profile = "smoke" if args.quick else "cpu"
+    base = make_config(profile, data_dir=args.data_dir, epochs=args.sweep_epochs)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    seeds = range(args.sweep_runs)
+    ways = {
+        "one_at_a_time": dict(threads=cores, jobs=1),
+        "parallel": dict(threads=1, jobs=cores),
+    }
+    times: dict[str, list[float]] = {k: [] for k in ways}
+    os.environ["KD_PROGRESS"] = "0"
+    for _ in range(args.repeats):
+        for name, way in ways.items():
+            with tempfile.TemporaryDirectory() as out:
+                configs = [replace(base, out_dir=out, threads=way["threads"], seed=s, data_seed=s) for s in seeds]
+                t0 = time.perf_counter()
+                done = run_many(configs, jobs=way["jobs"])
+                times[name].append(time.perf_counter() - t0)
+            failed = [d["error"] for d in done if "error" in d]
+            if failed:
+                raise RuntimeError(f"sweep benchmark run failed: {failed[0]}")
+    seconds = {k: statistics.median(v) for k, v in times.items()}
+    per_hour = {k: len(seeds) * 3600 / v for k, v in seconds.items()}
+    return {
+        "config": f"{profile} profile student {base.model} x{base.width:g}, {args.sweep_epochs} epochs, "
+        f"{len(seeds)} runs; parallel = {cores} workers x 1 thread, one at a time = {cores} threads",
+        "seconds": seconds,
+        "runs_per_hour": per_hour,
+        "parallel_vs_one_at_a_time": per_hour["parallel"] / per_hour["one_at_a_time"],
+    }
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -305,6 +344,7 @@ TARGETS = [
     ),
     ("KD online / CE step", lambda r: r["kd"]["online_vs_ce"], "<=", 1.85),
     ("KD cached logits / CE step", lambda r: r["kd"]["cached_vs_ce"], "<=", 1.05),
+    ("sweep: runs/hour, parallel / one at a time", lambda r: r["sweep"]["parallel_vs_one_at_a_time"], ">=", 1.4),
 ]
 
 
@@ -325,6 +365,8 @@ def print_report(r: dict) -> None:
     kd = r["kd"]
     print(f"\nKD {kd['pair']}, ms/step:", {k: round(v, 1) for k, v in kd["ms_per_step"].items()})
     print("bf16 autocast speed-up over fp32:", {k: round(v["speedup"], 2) for k, v in r["bf16"].items()})
+    sw = r["sweep"]
+    print(f"sweep ({sw['config']}), runs/hour:", {k: round(v, 1) for k, v in sw["runs_per_hour"].items()})
     if "parity" in r:
         p = r["parity"]
         print(
@@ -358,11 +400,13 @@ def parse(argv=None):
         args.compute_models, args.bf16_models = [("vgg8", 0.125)], [("vgg13", 0.125)]
         args.kd_pair, args.n_images, args.peak_n, args.parity_epochs = [("vgg8", 0.125), ("vgg13", 0.125)], 2000, 256, 1
         args.peak_channels = 32
+        args.sweep_runs, args.sweep_epochs = 2, 1
     else:
         args.batch, args.steps, args.e2e_steps, args.pil_batches = 128, 3, 40, 40
         args.compute_models, args.bf16_models = full, [("vgg13", 1.0), ("vgg8", 1.0), ("vgg8", 0.125)]
         args.kd_pair, args.n_images, args.peak_n, args.parity_epochs = [("vgg8", 1.0), ("vgg13", 1.0)], 50000, 2048, 15
         args.peak_channels = 256
+        args.sweep_runs, args.sweep_epochs = 4, 6
     return args
 
 
@@ -393,6 +437,7 @@ def main(argv=None) -> dict:
     r["compute"] = bench_compute(args, peak)
     r["kd"] = bench_kd(args)
     r["bf16"] = bench_bf16(args)
+    r["sweep"] = bench_sweep(args)
     if args.parity:
         r["parity"] = bench_parity(args)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -19,10 +19,11 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory) -> str:
-    """A data folder holding small generated CIFAR-10 and CIFAR-100 sets."""
+    """A data folder holding small generated CIFAR-10 and CIFAR-100 sets (1,000 training images
+    each once the smoke profile's 200 validation images are held out)."""
     root = tmp_path_factory.mktemp("data")
-    data_utils.write_synthetic_cifar(str(root), "cifar10", n_train=1000, n_test=200, seed=0)
-    data_utils.write_synthetic_cifar(str(root), "cifar100", n_train=1000, n_test=200, seed=1)
+    data_utils.write_synthetic_cifar(str(root), "cifar10", n_train=1200, n_test=200, seed=0)
+    data_utils.write_synthetic_cifar(str(root), "cifar100", n_train=1200, n_test=200, seed=1)
     return str(root)
 
 

@@ -34,7 +34,7 @@ class Interrupt(Exception):
 
 
 def _train(cfg, run_dir, callbacks=()):
-    train_loader, test_loader = make_loaders(cfg)
+    train_loader, _, test_loader = make_loaders(cfg)
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, num_classes=10, width=cfg.width)
     return fit(model, train_loader, test_loader, cfg, run_dir, callbacks)

@@ -20,10 +20,10 @@ def test_cifar10_layout_round_trip(synthetic_dir):
     assert batch["data"].dtype.name == "uint8" and batch["data"].shape[1] == 3072
     assert isinstance(batch["labels"], list)
     x, y = load_cifar("cifar10", synthetic_dir, train=True)
-    assert x.shape == (1000, 3, 32, 32) and x.dtype == torch.uint8 and y.dtype == torch.int64
+    assert x.shape == (1200, 3, 32, 32) and x.dtype == torch.uint8 and y.dtype == torch.int64
     assert torch.equal(x[: len(batch["labels"])].reshape(-1, 3072), torch.from_numpy(batch["data"]))
     assert y[: len(batch["labels"])].tolist() == batch["labels"]
-    assert torch.bincount(y).tolist() == [100] * 10
+    assert torch.bincount(y).tolist() == [120] * 10
     assert data_utils.class_names("cifar10", synthetic_dir)[0] == "airplane"
 
 
@@ -37,7 +37,7 @@ def test_cifar100_layout_round_trip(synthetic_dir):
     x, y = load_cifar("cifar100", synthetic_dir, train=False)
     assert x.shape == (200, 3, 32, 32) and int(y.max()) == 99
     assert len(data_utils.class_names("cifar100", synthetic_dir)) == 100
-    train_loader, test_loader = get_cifar100_loaders(batch_size=50, data_dir=synthetic_dir)
+    train_loader, _, test_loader = get_cifar100_loaders(batch_size=50, data_dir=synthetic_dir)
     assert next(iter(train_loader))[0].shape == (50, 3, 32, 32)
 
 
@@ -78,7 +78,7 @@ def test_train_loader_is_per_sample_label_preserving_and_seeded(synthetic_dir):
 
 
 def test_test_loader_is_deterministic_and_complete(synthetic_dir):
-    _, test = get_cifar10_loaders(batch_size=64, data_dir=synthetic_dir, test_batch_size=64)
+    test = get_cifar10_loaders(batch_size=64, data_dir=synthetic_dir, test_batch_size=64).test
     first = [b for b in test]
     second = [b for b in test]
     assert len(first) == 4 and sum(len(b[1]) for b in first) == 200  # no drop_last
@@ -88,14 +88,14 @@ def test_test_loader_is_deterministic_and_complete(synthetic_dir):
 
 
 def test_drop_last_balanced_subset_and_shards(synthetic_dir):
-    train, _ = get_cifar10_loaders(batch_size=64, data_dir=synthetic_dir, subset_per_class=30)
+    train = get_cifar10_loaders(batch_size=64, data_dir=synthetic_dir, subset_per_class=30).train
     assert len(train) == 300 // 64 and torch.bincount(train.labels).tolist() == [30] * 10
     x, y = load_cifar("cifar10", synthetic_dir, train=True)
     shards = [
         CifarLoader(x, y, 10, mean=(0,) * 3, std=(1,) * 3, train=True, num_shards=2, shard=k).epoch_plan()[0]
         for k in range(2)
     ]
-    assert len(set(shards[0].tolist()) | set(shards[1].tolist())) == 1000
+    assert len(set(shards[0].tolist()) | set(shards[1].tolist())) == 1200
     assert not set(shards[0].tolist()) & set(shards[1].tolist())
 
 

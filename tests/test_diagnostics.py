@@ -14,21 +14,21 @@ def test_standardised_loss_ignores_shift_and_scale_of_either_model():
     gen = torch.Generator().manual_seed(0)
     s, t = torch.randn(16, 10, generator=gen), torch.randn(16, 10, generator=gen)
     y = torch.randint(0, 10, (16,), generator=gen)
-    loss = LogitStandardKDLoss(T=2.0, alpha=1.0)
+    loss = LogitStandardKDLoss(T=2.0, ce_weight=0.0, kd_weight=1.0)
     base = loss(s, t, y)["kd"]
     shift = torch.randn(16, 1, generator=gen)
     scale = torch.rand(16, 1, generator=gen) * 5 + 0.1
     for s2, t2 in [(s + shift, t), (s, t - shift), (s * scale, t), (s, t * scale), (3 * s + 1, 0.2 * t - 4)]:
         assert loss(s2, t2, y)["kd"].item() == pytest.approx(base.item(), rel=1e-4)
-    assert KDLoss(T=2.0, alpha=1.0)(s * 3, t, y)["kd"].item() != pytest.approx(base.item(), rel=1e-2)
+    assert KDLoss(T=2.0, ce_weight=0.0, kd_weight=1.0)(s * 3, t, y)["kd"].item() != pytest.approx(base.item(), rel=1e-2)
 
 
 def test_standardised_loss_equals_kd_on_standardised_logits():
     s, t, y = torch.randn(8, 100), torch.randn(8, 100), torch.randint(0, 100, (8,))
     zs, zt = standardize(s), standardize(t)
     assert zs.mean(1).abs().max() < 1e-5 and (zs.std(1) - 1).abs().max() < 1e-5
-    ls = LogitStandardKDLoss(T=4.0, alpha=0.9)(zs, zt, y)
-    kd = KDLoss(T=4.0, alpha=0.9)(zs, zt, y)
+    ls = LogitStandardKDLoss(T=4.0, ce_weight=0.1, kd_weight=0.9)(zs, zt, y)
+    kd = KDLoss(T=4.0, ce_weight=0.1, kd_weight=0.9)(zs, zt, y)
     assert ls["kd"].item() == pytest.approx(kd["kd"].item(), rel=1e-4)
 
 

@@ -14,7 +14,7 @@ def make_distiller():
     torch.manual_seed(0)
     student = create_model("vgg8", num_classes=10, width=0.125)
     teacher = create_model("vgg11", num_classes=10, width=0.25)
-    return Distiller(student, teacher, KDLoss(T=4.0, alpha=0.9)), teacher
+    return Distiller(student, teacher, KDLoss(T=4.0, ce_weight=0.1, kd_weight=0.9)), teacher
 
 
 def test_gradients_reach_student_never_teacher():

@@ -33,7 +33,7 @@ def _worker(rank, world, port, data_dir, out, results):
     cfg = make_config("smoke", data_dir=data_dir, out_dir=out, epochs=3)
 
     def run(run_dir, callbacks=()):
-        train_loader, test_loader = make_loaders(cfg)
+        train_loader, _, test_loader = make_loaders(cfg)
         torch.manual_seed(0)
         model = create_model("vgg8", num_classes=10, width=cfg.width)
         return model, fit(model, train_loader, test_loader, cfg, run_dir, callbacks), len(train_loader)

@@ -28,7 +28,7 @@ def test_three_class_example_by_hand():
     expected = 4 * kl(p_t, [1 / 3] * 3)
     assert kd_loss(s, t, T=2.0).item() == pytest.approx(expected, rel=1e-5)
     # full loss with label 0: 0.1 · CE + 0.9 · T²·KL, CE of a uniform student = ln 3
-    terms = KDLoss(T=2.0, alpha=0.9)(s, t, torch.tensor([0]))
+    terms = KDLoss(T=2.0, ce_weight=0.1, kd_weight=0.9)(s, t, torch.tensor([0]))
     assert terms["ce"].item() == pytest.approx(0.1 * math.log(3), rel=1e-5)
     assert terms["kd"].item() == pytest.approx(0.9 * expected, rel=1e-5)
 
@@ -57,14 +57,14 @@ def test_t_squared_keeps_scale_at_high_temperature():
     assert kd_loss(s, t, T=10.0).item() / 100 < 0.05 * kd_loss(s, t, T=1.0).item()
 
 
-def test_alpha_zero_is_cross_entropy():
+def test_zero_kd_weight_is_cross_entropy():
     s, t, y = torch.randn(16, 10), torch.randn(16, 10), torch.randint(0, 10, (16,))
-    terms = KDLoss(T=4.0, alpha=0.0)(s, t, y)
+    terms = KDLoss(T=4.0, ce_weight=1.0, kd_weight=0.0)(s, t, y)
     assert sum(terms.values()).item() == pytest.approx(F.cross_entropy(s, y).item(), rel=1e-5)
 
 
 def test_bad_hyperparameters_rejected():
-    with pytest.raises(ValueError, match="alpha"):
-        KDLoss(T=4.0, alpha=1.5)
+    with pytest.raises(ValueError, match="weights >= 0"):
+        KDLoss(T=4.0, ce_weight=-0.5, kd_weight=1.5)
     with pytest.raises(ValueError, match="T > 0"):
         KDLoss(T=0.0)

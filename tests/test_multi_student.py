@@ -96,7 +96,7 @@ def test_cohort_gradients_reach_each_member_only_from_its_own_loss():
     torch.manual_seed(0)
     group = ms.ensemble(10, 0.0625, "vgg8", 2)
     teacher = create_model("vgg8", num_classes=10, width=0.125)
-    cohort = ms.Cohort(group, ms.MutualLearningLoss(T=4.0, kd=KDLoss(4.0, 0.9)), teacher)
+    cohort = ms.Cohort(group, ms.MutualLearningLoss(T=4.0, kd=KDLoss(4.0, 0.1, 0.9)), teacher)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     _, terms = cohort(x, y)
     assert set(terms) == {"ce_0", "kd_0", "peer_0", "ce_1", "kd_1", "peer_1"}
@@ -215,7 +215,7 @@ def test_ensemble_members_train_separately_and_evaluate_together(smoke_cfg, smok
     cfg = smoke_cfg(method="kd", teacher=smoke_teacher.run_dir, teacher_cache=True)
     members = ms.train_ensemble(cfg, k=2, ensemble_seed=1)
     assert [r.config.seed for r in members] == [2, 3]
-    _, test_loader = make_loaders(cfg)
+    test_loader = make_loaders(cfg).test
     out = ms.evaluate_group([r.model for r in members], test_loader)
     assert out["members"] == 2 and len(out["member_top1"]) == 2
     assert out["params"] == 2 * count_params(members[0].model)

@@ -67,7 +67,8 @@ def test_kd_student_trains_from_saved_teacher(smoke_cfg):
     teacher = train(smoke_cfg(model="vgg11", width=0.125, epochs=2))
     kd = train_kd.distill(smoke_cfg(method="kd", teacher=teacher.run_dir, epochs=2))
     assert {"train_ce", "train_kd"} <= set(kd.history.columns)
-    assert kd.history["test_top1"].iloc[-1] > 30
+    assert kd.history["test_top1"].iloc[-1] > 20  # chance is 10%
+    assert kd.history["train_loss"].iloc[-1] < kd.history["train_loss"].iloc[0]
 
 
 def test_demo_smoke_writes_table_and_plot(smoke_cfg):

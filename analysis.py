@@ -1,0 +1,174 @@
+"""Results as data: per-run summaries, tables over seeds, paired comparisons, seed plots.
+
+Everything here reads run histories (``metrics.csv`` as a DataFrame) or plain numbers; nothing
+imports the training code, so a results folder can be analysed without building a model.
+
+    summarize(history)               last epoch, and the epoch picked on validation, of one run
+    mean_std_table({"kd": runs})     one row per group: n, mean ± 95% CI half-width, std
+    compare(kd_runs, ce_runs)        paired by seed: mean difference, 95% CI, p (paired t-test)
+
+Every choice (an epoch, a cell of a sweep) is made on the validation columns (``val_*``); test
+accuracy is read at the chosen point only. Runs without a validation split (``val_size=0``,
+the ``paper`` profile) fall back to the last epoch, and their "best" epoch is picked on test,
+as the published CIFAR-100 tables do; ``summarize`` says which in ``picked_by``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+
+def summarize(history: pd.DataFrame) -> dict:
+    """One run: last-epoch accuracies, and test accuracy at the epoch of best validation top-1.
+
+    ``best_top1``/``best_top5`` are test accuracies at ``best_epoch``, the epoch that
+    ``picked_by`` (``val_top1`` when the run has a validation split) ranks highest.
+    """
+    picked_by = "val_top1" if "val_top1" in history else "test_top1"
+    best = history.loc[history[picked_by].idxmax()]
+    last = history.iloc[-1]
+    return {
+        "last_top1": last["test_top1"],
+        "last_top5": last["test_top5"],
+        "last_val_top1": last.get("val_top1", math.nan),
+        "best_top1": best["test_top1"],
+        "best_top5": best["test_top5"],
+        "best_epoch": int(best["epoch"]),
+        "picked_by": picked_by,
+        "train_seconds": history["seconds"].sum(),
+    }
+
+
+ACCURACY_COLUMNS = ("last_top1", "last_top5", "best_top1", "best_top5")
+
+
+def ci95(values: Sequence[float]) -> float:
+    """Half-width of the 95% confidence interval of the mean (Student's t, n - 1 dof); nan for n < 2."""
+    x = np.asarray(values, dtype=float)
+    if len(x) < 2:
+        return math.nan
+    return float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+
+
+def summarize_seeds(results: Sequence) -> dict:
+    """Mean, sample std and 95% CI half-width over seeds of each accuracy in ``summarize``, and mean minutes."""
+    table = pd.DataFrame([summarize(r.history) for r in results])
+    out: dict = {"seeds": len(results)}
+    for col in ACCURACY_COLUMNS:
+        out[col] = table[col].mean()
+        out[f"{col}_std"] = table[col].std(ddof=1) if len(results) > 1 else math.nan
+        out[f"{col}_ci95"] = ci95(table[col])
+    out["minutes"] = table["train_seconds"].mean() / 60
+    return out
+
+
+def mean_std_table(groups: Mapping[str, Sequence], columns=ACCURACY_COLUMNS) -> pd.DataFrame:
+    """One row per group of runs: ``n`` and each accuracy as "mean ± 95% CI half-width (std s)"."""
+    rows = {}
+    for name, results in groups.items():
+        s = summarize_seeds(results)
+        rows[name] = {"n": s["seeds"]}
+        for c in columns:
+            ci = f"{s[c + '_ci95']:.2f}" if s["seeds"] > 1 else "–"
+            std = f"{s[c + '_std']:.2f}" if s["seeds"] > 1 else "–"
+            rows[name][c] = f"{s[c]:.2f} ± {ci} (std {std})"
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+@dataclass(frozen=True)
+class Paired:
+    """A paired comparison of two conditions over the same seeds: ``a - b``."""
+
+    n: int
+    mean_a: float
+    mean_b: float
+    diff: float  # mean of the per-seed differences a - b
+    ci_low: float  # 95% CI of the mean difference (Student's t, n - 1 dof)
+    ci_high: float
+    p: float  # two-sided paired t-test
+    seeds: tuple
+
+    @property
+    def within_noise(self) -> bool:
+        """True when the 95% CI includes zero (or cannot be computed)."""
+        return not (self.ci_low > 0 or self.ci_high < 0)
+
+    def __str__(self) -> str:
+        ci = f"95% CI {self.ci_low:+.2f} to {self.ci_high:+.2f}, p = {self.p:.3g}, n = {self.n}"
+        if self.within_noise:
+            return f"{self.diff:+.2f} points: within noise ({ci})"
+        return f"{self.diff:+.2f} points ({ci})"
+
+
+def _by_seed(runs, metric: str) -> dict:
+    """``{seed: value}`` from runs (``.config.seed`` and ``.history``), a mapping, or plain numbers."""
+    if isinstance(runs, Mapping):
+        return {k: float(v) for k, v in runs.items()}
+    runs = list(runs)
+    if runs and hasattr(runs[0], "history"):
+        values = {}
+        for r in runs:
+            if r.config.seed in values:
+                raise ValueError(f"two runs with seed {r.config.seed}: a paired comparison needs one per seed")
+            values[r.config.seed] = float(summarize(r.history)[metric])
+        return values
+    return {i: float(v) for i, v in enumerate(runs)}  # plain numbers: paired by position
+
+
+def compare(a, b, metric: str = "last_top1") -> Paired:
+    """Paired comparison of condition ``a`` against ``b`` over the seeds both have.
+
+    ``a``/``b``: lists of runs (matched by ``config.seed``; ``metric`` is a ``summarize`` key),
+    ``{seed: value}`` mappings, or equal-length lists of numbers (matched by position).
+    Returns the mean difference ``a - b``, its 95% confidence interval (t with n - 1 dof) and
+    the paired t-test's p-value; a difference whose CI includes zero is within noise.
+    """
+    va, vb = _by_seed(a, metric), _by_seed(b, metric)
+    seeds = tuple(sorted(set(va) & set(vb)))
+    if not seeds:
+        raise ValueError(f"no seed in common: a has {sorted(va)}, b has {sorted(vb)}")
+    xa, xb = np.array([va[s] for s in seeds]), np.array([vb[s] for s in seeds])
+    d = xa - xb
+    if len(seeds) < 2:
+        lo = hi = p = math.nan
+    elif np.all(d == d[0]):  # no spread: the t statistic is undefined, the difference exact
+        lo = hi = float(d[0])
+        p = 1.0 if d[0] == 0 else 0.0
+    else:
+        test = stats.ttest_rel(xa, xb)
+        lo, hi = test.confidence_interval(0.95)
+        p = float(test.pvalue)
+    return Paired(len(seeds), float(xa.mean()), float(xb.mean()), float(d.mean()), float(lo), float(hi), p, seeds)
+
+
+def compare_table(groups: Mapping[str, Sequence], baseline: str, metric: str = "last_top1") -> pd.DataFrame:
+    """Each group against ``baseline``, paired by seed: one row of ``compare`` per group."""
+    rows = {}
+    for name, runs in groups.items():
+        if name == baseline:
+            continue
+        c = compare(runs, groups[baseline], metric)
+        rows[f"{name} − {baseline}"] = {
+            "n": c.n,
+            "diff": c.diff,
+            "ci_low": c.ci_low,
+            "ci_high": c.ci_high,
+            "p": c.p,
+            "verdict": "within noise" if c.within_noise else ("better" if c.diff > 0 else "worse"),
+        }
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def plot_seeds(ax, results: Sequence, column: str, label: str | None = None, **style):
+    """Mean over seeds of one per-epoch metric, with a ±1 std band; returns the line."""
+    values = pd.concat([r.history.set_index("epoch")[column] for r in results], axis=1)
+    mean, std = values.mean(axis=1), values.std(axis=1).fillna(0)
+    (line,) = ax.plot(mean.index, mean, label=label, **style)
+    ax.fill_between(mean.index, mean - std, mean + std, alpha=0.2, color=line.get_color())
+    return line
