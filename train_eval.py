@@ -914,4 +914,7 @@ def main(argv=None) -> RunResult:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    # run the importable module's main, so one registry and one Config class serve every module
+    import train_eval
+
+    train_eval.main(sys.argv[1:])

@@ -334,6 +334,35 @@ def bench_sweep(args) -> dict:
 # ----------------------------------------------------------------------------- main
 
 
+def update_sections(args) -> dict:
+    """Measure ``args.only`` and write them into the existing report (other sections kept)."""
+    r = {}
+    if os.path.isfile(args.out):
+        with open(args.out) as f:
+            r = json.load(f)
+    images = labels = None
+    if {"data", "end_to_end"} & set(args.only):
+        images, labels, r["data_source"] = load_images(args.data_dir, args.n_images)
+    peak = r.get("peak_gflops", {}).get("fp32", 1.0) * 1e9
+    measure = {
+        "data": lambda: bench_data(images, labels, args),
+        "end_to_end": lambda: bench_end_to_end(images, labels, args),
+        "compute": lambda: bench_compute(args, peak),
+        "kd": lambda: bench_kd(args),
+        "bf16": lambda: bench_bf16(args),
+        "sweep": lambda: bench_sweep(args),
+    }
+    for section in args.only:
+        r[section] = measure[section]()
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(r, f, indent=2)
+    for section in args.only:
+        print(section, json.dumps(r[section], indent=2))
+    print(f"\nwritten: {args.out}")
+    return r
+
+
 TARGETS = [
     ("data: CifarLoader vs DataLoader+PIL (0 workers)", lambda r: r["data"]["ratio_vs_pil_workers0"], ">=", 10),
     (
@@ -393,6 +422,13 @@ def parse(argv=None):
     p.add_argument("--runs", default="runs", help="where the parity runs go (finished runs are reused)")
     p.add_argument("--out", default="benchmarks/results.json")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=SECTIONS,
+        default=None,
+        help="measure these sections only; their entries replace those of an existing --out file",
+    )
     args = p.parse_args(argv)
     full = [("vgg8", 1.0), ("vgg13", 1.0), ("vgg8", 0.25), ("vgg13", 0.25)]
     if args.quick:
@@ -410,8 +446,13 @@ def parse(argv=None):
     return args
 
 
+SECTIONS = ("data", "end_to_end", "compute", "kd", "bf16", "sweep")
+
+
 def main(argv=None) -> dict:
     args = parse(argv)
+    if args.only:
+        return update_sections(args)
     images, labels, source = load_images(args.data_dir, args.n_images)
     peaks = {
         "matmul": matmul_peak(torch.float32, args.peak_n, args.repeats),
