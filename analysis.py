@@ -1,11 +1,14 @@
-"""Results as data: per-run summaries, tables over seeds, paired comparisons, seed plots.
+"""Results as data: per-run summaries, tables over seeds, paired comparisons, seed plots, and
+the diagnostics computed from saved outputs (logits, features).
 
-Everything here reads run histories (``metrics.csv`` as a DataFrame) or plain numbers; nothing
-imports the training code, so a results folder can be analysed without building a model.
+Everything here reads run histories (``metrics.csv`` as a DataFrame), tensors of outputs or plain
+numbers; nothing imports the training code, so results can be analysed without the loop.
 
     summarize(history)               last epoch, and the epoch picked on validation, of one run
     mean_std_table({"kd": runs})     one row per group: n, mean ± 95% CI half-width, std
     compare(kd_runs, ce_runs)        paired by seed: mean difference, 95% CI, p (paired t-test)
+    top1_agreement, per_sample_kl, spearman_rows, expected_calibration_error, conflict_analysis,
+    linear_cka, pairwise_disagreement, group_metrics, r_squared      from logits / features
 
 Every choice (an epoch, a cell of a sweep) is made on the validation columns (``val_*``); test
 accuracy is read at the chosen point only. Runs without a validation split (``val_size=0``,
@@ -15,12 +18,15 @@ as the published CIFAR-100 tables do; ``summarize`` says which in ``picked_by``.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import torch
+import torch.nn.functional as F
 from scipy import stats
 
 
@@ -172,3 +178,109 @@ def plot_seeds(ax, results: Sequence, column: str, label: str | None = None, **s
     (line,) = ax.plot(mean.index, mean, label=label, **style)
     ax.fill_between(mean.index, mean - std, mean + std, alpha=0.2, color=line.get_color())
     return line
+
+
+# ----------------------------------------------------------------------------- diagnostics from outputs
+
+
+def top1_agreement(logits_a: torch.Tensor, logits_b: torch.Tensor) -> float:
+    """Percentage of samples on which two models predict the same class."""
+    return 100 * (logits_a.argmax(1) == logits_b.argmax(1)).float().mean().item()
+
+
+def per_sample_kl(logits_s: torch.Tensor, logits_t: torch.Tensor, T: float = 1.0) -> torch.Tensor:
+    """KL(softmax(z_t/T) ‖ softmax(z_s/T)) of every sample, (N,)."""
+    log_p_s = F.log_softmax(logits_s.double() / T, dim=1)  # (N, K)
+    log_p_t = F.log_softmax(logits_t.double() / T, dim=1)  # (N, K)
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(1).float()
+
+
+def average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks 0..K-1 along each row, tied values sharing the mean of their positions (as scipy's
+    ``rankdata(method="average")``), so the result does not depend on the order of the ties."""
+    ordered = x.sort(dim=1).values.contiguous()  # (N, K)
+    below = torch.searchsorted(ordered, x.contiguous(), right=False)  # (N, K) values strictly smaller
+    upto = torch.searchsorted(ordered, x.contiguous(), right=True)  # (N, K) values smaller or equal
+    return (below + upto - 1).double() / 2
+
+
+def spearman_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spearman rank correlation of each row of ``a`` with the same row of ``b``, (N,): the
+    Pearson correlation of average ranks (``average_ranks``), vectorised; nan for a constant row."""
+    ra, rb = average_ranks(a), average_ranks(b)  # (N, K)
+    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
+    return ((ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1))).float()
+
+
+def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
+    """ECE (%): Σ_b |B_b|/N · |accuracy(B_b) - confidence(B_b)| over equal-width confidence bins."""
+    conf, pred = logits.float().softmax(1).max(1)
+    correct = (pred == labels).float()
+    bins = (conf * n_bins).long().clamp(max=n_bins - 1)  # (N,) bin of each sample
+    count = torch.bincount(bins, minlength=n_bins).float()
+    gap = torch.bincount(bins, weights=correct - conf, minlength=n_bins).abs()  # |Σ (acc - conf)| per bin
+    return 100 * (gap.sum() / count.sum()).item()
+
+
+def conflict_analysis(teacher: torch.Tensor, kd: torch.Tensor, independent: torch.Tensor, standardized) -> dict:
+    """Where matching the teacher's logits misleads (all arguments: test-set logits, (N, K)).
+
+    A conflict is a sample on which the KD student is *closer* to the teacher in KL than the
+    independent student, yet predicts a different class than the teacher while the
+    independent student agrees with it: a small divergence that still loses the ranking.
+    ``corrected`` counts the conflicts on which the logit-standardised student agrees.
+    """
+    t_pred = teacher.argmax(1)
+    closer = per_sample_kl(kd, teacher) < per_sample_kl(independent, teacher)
+    mask = closer & (kd.argmax(1) != t_pred) & (independent.argmax(1) == t_pred)  # (N,)
+    corrected = mask & (standardized.argmax(1) == t_pred)
+    return {"samples": len(t_pred), "conflicts": int(mask.sum()), "corrected": int(corrected.sum()), "mask": mask}
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA (Kornblith et al., ICML 2019) of two representations of the same n inputs.
+
+    CKA = HSIC(K, L) / sqrt(HSIC(K, K) · HSIC(L, L)) with K = XXᵀ, L = YYᵀ of centred features;
+    1 for representations equal up to rotation and isotropic scaling; any widths.
+    """
+    x, y = x.double() - x.double().mean(0), y.double() - y.double().mean(0)
+    k, ell = x @ x.t(), y @ y.t()  # (n, n) Gram matrices: cheaper than (D, D) for wide maps
+    return ((k * ell).sum() / (k.norm() * ell.norm())).item()
+
+
+def pairwise_disagreement(member_logits: Sequence[torch.Tensor]) -> float:
+    """Mean over member pairs of the % of samples on which the two predict different classes."""
+    preds = [z.argmax(1) for z in member_logits]
+    pairs = list(itertools.combinations(preds, 2))
+    if not pairs:
+        return float("nan")
+    return 100 * sum((a != b).float().mean().item() for a, b in pairs) / len(pairs)
+
+
+def group_metrics(member_logits: Sequence[torch.Tensor], labels: torch.Tensor, teacher_logits=None) -> dict:
+    """From each member's logits (N, K): every member's top-1, the logit-averaged ensemble's
+    loss/top-1/top-5, pairwise disagreement and, given the teacher's logits, the ensemble's
+    top-1 agreement with the teacher."""
+    ens = torch.stack(list(member_logits)).float().mean(0)  # (N, K)
+    top5 = ens.topk(min(5, ens.shape[1]), dim=1).indices  # (N, 5)
+    out = {
+        "loss": F.cross_entropy(ens, labels).item(),
+        "top1": 100 * (ens.argmax(1) == labels).float().mean().item(),
+        "top5": 100 * (top5 == labels[:, None]).any(1).float().mean().item(),
+    }
+    for i, z in enumerate(member_logits):
+        out[f"top1_m{i}"] = 100 * (z.argmax(1) == labels).float().mean().item()
+    out["disagreement"] = pairwise_disagreement(member_logits)
+    if teacher_logits is not None:
+        out["teacher_agreement"] = top1_agreement(ens, teacher_logits)
+    return out
+
+
+def r_squared(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """1 − Σ(pred − target)² / Σ(target − mean over samples)², pooled over all dimensions."""
+    sse = (pred - target).pow(2).sum()
+    sst = (target - target.mean(0)).pow(2).sum()
+    return (1 - sse / sst).item()
+
+
+# ----------------------------------------------------------------------------- runs

@@ -358,7 +358,9 @@ class CifarLoader:
 
     Shuffling and augmentation are drawn from a generator seeded with ``(seed, epoch)``;
     call ``set_epoch`` (the training loop does) to move to the next epoch's stream.
-    ``num_shards``/``shard`` split every epoch's order across distributed ranks.
+    ``num_shards``/``shard`` split every epoch's order across distributed ranks. With
+    ``with_index`` every batch is ``(x, y, {"index": i})``, ``i`` the images' positions in this
+    loader's split (what a per-sample memory bank is indexed by).
     """
 
     def __init__(
@@ -377,6 +379,7 @@ class CifarLoader:
         channels_last: bool = False,
         num_shards: int = 1,
         shard: int = 0,
+        with_index: bool = False,
     ):
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
@@ -397,6 +400,7 @@ class CifarLoader:
         self.channels_last = channels_last
         self.mean, self.std = tuple(mean), tuple(std)
         self.num_shards, self.shard = num_shards, shard
+        self.with_index = with_index
         self.epoch = 0
         c = images.shape[1]
         # fold /255 and the normalisation into one multiply-add per pixel
@@ -445,7 +449,8 @@ class CifarLoader:
             x = self.images[idx]  # (B, C, H, W) uint8
             if views is not None:
                 x = apply_views(x, views[i * bs : (i + 1) * bs], self.aug["crop_pad"])
-            yield self.normalise(x), self.labels[idx]
+            batch = (self.normalise(x), self.labels[idx])
+            yield (*batch, {"index": idx}) if self.with_index else batch
 
     def __iter__(self):
         return self.batches()

@@ -7,9 +7,10 @@ model, ckpt = load_checkpoint("runs/x")      # the name and sizes come from the 
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, is_dataclass
 
 import torch
@@ -25,6 +26,22 @@ class UnknownNameError(KeyError):
         return str(self.args[0])
 
 
+def definition(entry) -> tuple:
+    """Where an entry was written (file, name, line): the same code imported under two module
+    names (a script run as ``__main__``, or re-imported by a spawned worker as ``__mp_main__``)
+    gives the same key, so registering it again is not a clash."""
+    if isinstance(entry, functools.partial):
+        return (*definition(entry.func), entry.args, tuple(sorted(entry.keywords.items())))
+    if is_dataclass(entry):
+        return tuple(definition(v) if callable(v) else v for v in vars(entry).values() if not isinstance(v, dict)) + (
+            tuple(sorted((k, repr(v)) for d in vars(entry).values() if isinstance(d, dict) for k, v in d.items())),
+        )
+    code = getattr(entry, "__code__", None)
+    if code is None:
+        return (repr(entry),)
+    return (code.co_filename, entry.__qualname__, code.co_firstlineno)
+
+
 class Registry(dict):
     """Name -> builder, filled by a decorator; a lookup miss lists what is registered."""
 
@@ -35,9 +52,9 @@ class Registry(dict):
 
     def register(self, name: str):
         def add(fn):
-            if name in self:
+            if name in self and definition(self[name]) != definition(fn):
                 raise ValueError(f"{self.kind} {name!r} is already registered")
-            self[name] = fn
+            self[name] = fn  # the same definition again (its file imported twice) just replaces it
             return fn
 
         return add
@@ -61,16 +78,9 @@ for _name in vgg.STAGES:
     register_model(_name)(getattr(vgg, _name))
 
 
-def _load_group_modules() -> None:
-    import importlib
-
-    importlib.import_module("multi_student")
-
-
-# Models made of several registered networks (an ensemble, specialists and their head). They
-# are defined where they are used and imported on first lookup, so their checkpoints rebuild
-# anywhere; they stay out of ``list_models``, which lists single networks.
-GROUPS = Registry("model group", on_miss=_load_group_modules)
+# Models made of several registered networks (an ensemble, specialists and their head); their
+# checkpoints rebuild like any model's. They stay out of ``list_models``, which lists single networks.
+GROUPS = Registry("model group")
 register_group = GROUPS.register
 
 
@@ -79,12 +89,9 @@ def list_models() -> list[str]:
 
 
 def _builder(name: str):
-    if name in MODELS:
-        return MODELS[name]
-    try:
-        return GROUPS.get(name)
-    except UnknownNameError:
-        return MODELS.get(name)  # raises, listing the registered networks
+    if name in GROUPS:
+        return GROUPS[name]
+    return MODELS.get(name)  # raises, listing the registered networks
 
 
 def create_model(name: str, num_classes: int = 100, width: float = 1.0, **kwargs) -> nn.Module:
@@ -92,6 +99,73 @@ def create_model(name: str, num_classes: int = 100, width: float = 1.0, **kwargs
     model = _builder(name)(num_classes=num_classes, width=width, **kwargs)
     model.arch = {"name": name, "num_classes": num_classes, "width": width, **kwargs}
     return model
+
+
+# ----------------------------------------------------------------------------- group models (trained by multi_student)
+
+
+class Ensemble(nn.Module):
+    """Members whose logits are averaged: ``forward(x) = mean_m z_m(x)``."""
+
+    def __init__(self, members: Sequence[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.num_classes = members[0].num_classes
+
+    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members])  # (M, B, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.member_logits(x).mean(0)  # (B, K)
+
+
+@register_group("ensemble")
+def ensemble(num_classes: int, width: float, member: str = "vgg8", k: int = 2) -> Ensemble:
+    """``k`` networks ``member`` at ``width``; each draws its own initial weights."""
+    return Ensemble([create_model(member, num_classes=num_classes, width=width) for _ in range(k)])
+
+
+class Specialists(nn.Module):
+    """Students that each output a slice of an embedding, and a linear head on their concatenation.
+
+    Member k is a network whose ``num_classes`` is its slice's size (its last linear layer is the
+    regressor). With ``frozen`` the members never train: no gradients, eval mode that ``train()``
+    cannot switch off; only the head learns.
+    """
+
+    def __init__(self, members: Sequence[nn.Module], num_classes: int, frozen: bool = False):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.out_dims = [m.num_classes for m in members]
+        self.head = nn.Linear(sum(self.out_dims), num_classes)
+        self.num_classes = num_classes
+        self.frozen = frozen
+        if frozen:
+            self.members.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen:
+            self.members.eval()
+        return self
+
+    def member_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            return [m(x) for m in self.members]  # each (B, d_k)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self.member_outputs(x), dim=1)  # (B, Σ d_k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))  # (B, num_classes)
+
+
+@register_group("specialists")
+def specialists(
+    num_classes: int, width: float, member: str = "vgg8", out_dims: Sequence[int] = (), frozen: bool = False
+) -> Specialists:
+    members = [create_model(member, num_classes=d, width=width) for d in out_dims]
+    return Specialists(members, num_classes, frozen)
 
 
 # ----------------------------------------------------------------------------- checkpoints

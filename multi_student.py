@@ -17,7 +17,6 @@ the widest members that fit and every group run checks it when it builds its stu
 
 from __future__ import annotations
 
-import itertools
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -27,8 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import data_utils
-from model import count_flops, count_params, create_model, read_checkpoint, register_group
+from analysis import group_metrics, r_squared
+from model import Ensemble, Specialists, count_flops, count_params, create_model, ensemble, read_checkpoint, specialists
+from teacher_cache import use_teacher_cache
 from train_eval import (
+    METHODS,
     Config,
     RunResult,
     build_parser,
@@ -38,10 +40,9 @@ from train_eval import (
     make_loaders,
     predict,
     register_method,
-    top1_agreement,
     train,
 )
-from train_kd import KD_RECIPE, FrozenTeacher, KDLoss, distill, load_teacher, upcast, use_teacher_cache
+from train_kd import KD_RECIPE, FrozenTeacher, KDLoss, distill, load_teacher, upcast
 
 if __name__ == "__main__":
     # Run as the importable module, then stop: group models and methods register once, as
@@ -91,73 +92,6 @@ def width_for_budget(build: Callable[[float], nn.Module], budget: int, step: flo
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo * step
-
-
-# ----------------------------------------------------------------------------- group models
-
-
-class Ensemble(nn.Module):
-    """Members whose logits are averaged: ``forward(x) = mean_m z_m(x)``."""
-
-    def __init__(self, members: Sequence[nn.Module]):
-        super().__init__()
-        self.members = nn.ModuleList(members)
-        self.num_classes = members[0].num_classes
-
-    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m(x) for m in self.members])  # (M, B, K)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.member_logits(x).mean(0)  # (B, K)
-
-
-@register_group("ensemble")
-def ensemble(num_classes: int, width: float, member: str = "vgg8", k: int = 2) -> Ensemble:
-    """``k`` networks ``member`` at ``width``; each draws its own initial weights."""
-    return Ensemble([create_model(member, num_classes=num_classes, width=width) for _ in range(k)])
-
-
-class Specialists(nn.Module):
-    """Students that each output a slice of an embedding, and a linear head on their concatenation.
-
-    Member k is a network whose ``num_classes`` is its slice's size (its last linear layer is the
-    regressor). With ``frozen`` the members never train: no gradients, eval mode that ``train()``
-    cannot switch off; only the head learns.
-    """
-
-    def __init__(self, members: Sequence[nn.Module], num_classes: int, frozen: bool = False):
-        super().__init__()
-        self.members = nn.ModuleList(members)
-        self.out_dims = [m.num_classes for m in members]
-        self.head = nn.Linear(sum(self.out_dims), num_classes)
-        self.num_classes = num_classes
-        self.frozen = frozen
-        if frozen:
-            self.members.requires_grad_(False).eval()
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.frozen:
-            self.members.eval()
-        return self
-
-    def member_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            return [m(x) for m in self.members]  # each (B, d_k)
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat(self.member_outputs(x), dim=1)  # (B, Σ d_k)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(x))  # (B, num_classes)
-
-
-@register_group("specialists")
-def specialists(
-    num_classes: int, width: float, member: str = "vgg8", out_dims: Sequence[int] = (), frozen: bool = False
-) -> Specialists:
-    members = [create_model(member, num_classes=d, width=width) for d in out_dims]
-    return Specialists(members, num_classes, frozen)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -223,34 +157,6 @@ class PartitionLoss(nn.Module):
 # ----------------------------------------------------------------------------- evaluation of a group
 
 
-def pairwise_disagreement(member_logits: Sequence[torch.Tensor]) -> float:
-    """Mean over member pairs of the % of samples on which the two predict different classes."""
-    preds = [z.argmax(1) for z in member_logits]
-    pairs = list(itertools.combinations(preds, 2))
-    if not pairs:
-        return float("nan")
-    return 100 * sum((a != b).float().mean().item() for a, b in pairs) / len(pairs)
-
-
-def group_metrics(member_logits: Sequence[torch.Tensor], labels: torch.Tensor, teacher_logits=None) -> dict:
-    """From each member's logits (N, K): every member's top-1, the logit-averaged ensemble's
-    loss/top-1/top-5, pairwise disagreement and, given the teacher's logits, the ensemble's
-    top-1 agreement with the teacher."""
-    ens = torch.stack(list(member_logits)).float().mean(0)  # (N, K)
-    top5 = ens.topk(min(5, ens.shape[1]), dim=1).indices  # (N, 5)
-    out = {
-        "loss": F.cross_entropy(ens, labels).item(),
-        "top1": 100 * (ens.argmax(1) == labels).float().mean().item(),
-        "top5": 100 * (top5 == labels[:, None]).any(1).float().mean().item(),
-    }
-    for i, z in enumerate(member_logits):
-        out[f"top1_m{i}"] = 100 * (z.argmax(1) == labels).float().mean().item()
-    out["disagreement"] = pairwise_disagreement(member_logits)
-    if teacher_logits is not None:
-        out["teacher_agreement"] = top1_agreement(ens, teacher_logits)
-    return out
-
-
 def evaluate_group(models: Sequence[nn.Module], loader, teacher_logits=None, amp: bool = False) -> dict:
     """Members' and ensemble's accuracy, diversity, teacher agreement, size and cost of a group.
 
@@ -295,7 +201,7 @@ class Cohort(nn.Module):
         self.loss = loss
         self.teacher = FrozenTeacher(teacher) if teacher is not None else None
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None = None, **_):
         z = self.student.member_logits(x)  # (M, B, K)
         if self.teacher is not None and teacher_logits is None:
             teacher_logits = self.teacher(x)
@@ -321,7 +227,7 @@ class PartitionRegression(nn.Module):
         self.loss = PartitionLoss(slices)
         self._targets: dict[int, torch.Tensor] = {}  # the teacher's embeddings per evaluation loader, computed once
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor):
+    def forward(self, x: torch.Tensor, y: torch.Tensor, **_):
         outputs = self.student.member_outputs(x)
         _, feats = self.teacher(x, features=True)
         return self.student.head(torch.cat(outputs, 1)), self.loss(outputs, feats["pooled"])
@@ -341,31 +247,6 @@ class PartitionRegression(nn.Module):
         return metrics
 
 
-def r_squared(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """1 − Σ(pred − target)² / Σ(target − mean over samples)², pooled over all dimensions."""
-    sse = (pred - target).pow(2).sum()
-    sst = (target - target.mean(0)).pow(2).sum()
-    return (1 - sse / sst).item()
-
-
-# ----------------------------------------------------------------------------- runs
-
-
-DML_SOURCE = "Zhang et al. 2018, deep mutual learning: CE + KL to each peer at T = 1, weight 1"
-register_method("dml", source=DML_SOURCE, peer_T=1.0, peer_weight=1.0)(None)
-register_method(
-    "dml+kd",
-    source=DML_SOURCE + "; each member's CE replaced by the project's KD recipe",
-    peer_T=1.0,
-    peer_weight=1.0,
-    **KD_RECIPE,
-)(None)
-register_method("partition", source="this project: members regress slices of the teacher's pooled embedding (MSE)")(
-    None
-)
-register_method("specialists", source="this project: a linear head on frozen partition members")(None)
-
-
 def _num_classes(cfg: Config) -> int:
     return data_utils.DATASETS[cfg.dataset].num_classes
 
@@ -377,8 +258,8 @@ def build_cohort_group(cfg: Config) -> Ensemble:
     return group
 
 
-def build_cohort(cfg: Config, group: Ensemble) -> Cohort:
-    teacher = load_teacher(cfg.teacher, cfg) if cfg.method == "dml+kd" else None
+def build_cohort(cfg: Config, group: Ensemble, train_loader=None) -> Cohort:
+    teacher = load_teacher(cfg.teacher, cfg) if METHODS.get(cfg.method).needs_teacher else None
     kd = KDLoss(cfg.T, cfg.ce_weight, cfg.kd_weight) if teacher is not None else None
     return Cohort(group, MutualLearningLoss(cfg.peer_T, cfg.peer_weight, kd), teacher)
 
@@ -389,10 +270,30 @@ def mutual_learning(cfg: Config) -> RunResult:
     The result's model is the cohort's ``Ensemble``; its history has each member's test top-1
     (``test_top1_m<i>``), the ensemble's (``test_top1``) and their disagreement per epoch.
     """
-    if cfg.method not in ("dml", "dml+kd"):
+    if METHODS.get(cfg.method).run is not mutual_learning:
         raise ValueError(f"mutual_learning trains method 'dml' or 'dml+kd', not {cfg.method!r}")
-    wrap = use_teacher_cache if cfg.teacher_cache and cfg.method == "dml+kd" else None
+    wrap = use_teacher_cache if cfg.teacher_cache and METHODS.get(cfg.method).needs_teacher else None
     return train(cfg, make_task=build_cohort, wrap_loader=wrap, make_student=build_cohort_group)
+
+
+DML_SOURCE = "Zhang et al. 2018, deep mutual learning: CE + KL to each peer at T = 1, weight 1"
+register_method("dml", source=DML_SOURCE, needs_teacher=False, run=mutual_learning, peer_T=1.0, peer_weight=1.0)(None)
+register_method(
+    "dml+kd",
+    source=DML_SOURCE + "; each member's CE replaced by the project's KD recipe",
+    run=mutual_learning,
+    peer_T=1.0,
+    peer_weight=1.0,
+    **KD_RECIPE,
+)(None)
+register_method(
+    "partition",
+    source="this project: members regress slices of the teacher's pooled embedding (MSE)",
+    needs_features=True,
+)(None)
+register_method("specialists", source="this project: a linear head on frozen partition members", needs_features=True)(
+    None
+)
 
 
 def build_specialists(cfg: Config) -> Specialists:
@@ -418,7 +319,7 @@ def build_specialists(cfg: Config) -> Specialists:
     return group
 
 
-def _partition_task(cfg: Config, group: Specialists) -> PartitionRegression:
+def _partition_task(cfg: Config, group: Specialists, train_loader=None) -> PartitionRegression:
     teacher = load_teacher(cfg.teacher, cfg)
     return PartitionRegression(group, teacher, partition(teacher.embed_dim, cfg.members))
 
@@ -474,8 +375,8 @@ def main(argv=None) -> dict:
     del args.group, args.head_epochs
     width_given = hasattr(args, "width")
     cfg = config_from_args(args)
-    needs_teacher = group in ("dml+kd", "specialists") or (group == "ensemble" and cfg.method != "ce")
-    if needs_teacher and not cfg.teacher:
+    method = cfg.method if group == "ensemble" else {"specialists": "partition"}.get(group, group)
+    if METHODS.get(method).needs_teacher and not cfg.teacher:
         parser.error(f"--group {group} (method {cfg.method}) needs --teacher RUN_OR_CHECKPOINT")
     if cfg.budget and not width_given:
         cfg = replace(cfg, width=budget_width(cfg, cfg.members, group))

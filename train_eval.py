@@ -79,6 +79,13 @@ class Config:
     feat_weight: float | None = None  # β, the weight of a feature method's term (feature_kd.py)
     alpha: float | None = None  # shorthand for ce_weight = 1 - alpha, kd_weight = alpha
     hint_stage: int = 2  # FitNets: the stage whose output is the hint
+    warmup: float | None = None  # DKD: epochs over which its distillation terms ramp up linearly
+    tckd_weight: float | None = None  # DKD: α, weight of the target-class term
+    nckd_weight: float | None = None  # DKD: β, weight of the non-target-class term
+    crd_negatives: int | None = None  # CRD: negatives drawn from the memory bank per sample
+    crd_dim: int | None = None  # CRD: embedding size of both heads and of the memory bank
+    crd_T: float | None = None  # CRD: NCE temperature
+    crd_momentum: float | None = None  # CRD: memory-bank update momentum
     init_from: str = ""  # run folder or checkpoint whose weights initialise the model (e.g. FitNets stage 2)
     # optimisation
     epochs: int = 240
@@ -199,7 +206,7 @@ def make_config(profile: str = "cpu", **overrides) -> Config:
     return cfg
 
 
-WEIGHTS = ("ce_weight", "kd_weight", "feat_weight")
+WEIGHTS = ("ce_weight", "kd_weight", "feat_weight", "tckd_weight", "nckd_weight")
 
 
 def check_config(cfg: Config) -> None:
@@ -224,9 +231,13 @@ def check_config(cfg: Config) -> None:
     for key in WEIGHTS:
         if (getattr(cfg, key) or 0) < 0:
             raise ValueError(f"{key} must be >= 0, got {getattr(cfg, key)}")
-    for key in ("T", "peer_T"):
+    for key in ("T", "peer_T", "crd_T", "crd_negatives", "crd_dim"):
         if getattr(cfg, key) is not None and getattr(cfg, key) <= 0:
-            raise ValueError(f"temperatures must be > 0, got {key}={getattr(cfg, key)}")
+            raise ValueError(f"{key} must be > 0, got {getattr(cfg, key)}")
+    if cfg.warmup is not None and not 0 <= cfg.warmup <= cfg.epochs:
+        raise ValueError(f"warmup={cfg.warmup} epochs must be between 0 and the run's {cfg.epochs} epochs")
+    if cfg.crd_momentum is not None and not 0 <= cfg.crd_momentum < 1:
+        raise ValueError(f"crd_momentum must be in [0, 1), got {cfg.crd_momentum}")
     _check_split(cfg)
 
 
@@ -252,19 +263,40 @@ def _check_split(cfg: Config) -> None:
 
 @dataclass(frozen=True)
 class Method:
-    """A training method as the registry knows it.
+    """A training method as the registry knows it: the single authority on what it needs.
 
-    ``build(cfg, student, teacher)`` returns its loss module (None for methods whose run function
-    builds the task itself: ``ce``, the multi-student groups); ``recipe`` holds the Config values of
-    its published recipe (``T``, the loss weights, ``peer_T``...) and ``source`` says where they come from.
+    ``build(cfg, student, teacher, **context)`` returns its loss module; ``context`` offers
+    ``train_size`` and ``num_classes`` to builders that name them. ``build`` is None for methods
+    whose run function builds the task itself (``ce``, the multi-student groups); ``run(cfg)``
+    trains one run of the method (None: ``train_kd.distill``). ``recipe`` holds the Config values
+    of its published recipe and ``source`` says where they come from. ``reads`` is every
+    method-specific Config field it reads: the others stay out of its runs' identity.
     """
 
     build: Callable | None
     recipe: dict
     source: str
+    needs_teacher: bool
+    needs_features: bool  # the teacher's intermediate features: the teacher runs online, no cached logits
+    needs_index: bool  # each batch's sample indices (batch extra ``index``)
+    reads: frozenset
+    run: Callable | None = None
+    check: Callable | None = None  # check(cfg) on the resolved config: errors before any data is read
 
 
-RECIPE_FIELDS = ("T", *WEIGHTS, "peer_T", "peer_weight")
+RECIPE_FIELDS = (
+    "T",
+    *WEIGHTS,
+    "peer_T",
+    "peer_weight",
+    "warmup",
+    "crd_negatives",
+    "crd_dim",
+    "crd_T",
+    "crd_momentum",
+)
+# Config fields that belong to a method; a run's identity keeps only those its method reads.
+METHOD_FIELDS = frozenset({*RECIPE_FIELDS, "teacher", "hint_stage", "teacher_cache", "cache_dtype", "alpha"})
 
 # Modules that register methods when imported; loaded when a name is not (yet) registered.
 METHOD_MODULES = ("train_kd", "feature_kd", "multi_student")
@@ -284,21 +316,42 @@ def _load_method_modules() -> None:
 METHODS = Registry("method", on_miss=_load_method_modules)
 
 
-def register_method(name: str, *, source: str = "", **recipe):
-    """Decorator registering ``build(cfg, student, teacher) -> loss`` as method ``name`` with the
-    values of its published recipe, e.g. ``@register_method("kd", source="Hinton 2015", T=4.0, ...)``."""
+def register_method(
+    name: str,
+    *,
+    source: str = "",
+    needs_teacher: bool = True,
+    needs_features: bool = False,
+    needs_index: bool = False,
+    reads: tuple[str, ...] = (),
+    run: Callable | None = None,
+    check: Callable | None = None,
+    **recipe,
+):
+    """Decorator registering ``build(cfg, student, teacher, **context) -> loss`` as method ``name``
+    with what it needs and the values of its published recipe, e.g.
+    ``@register_method("kd", source="Hinton et al. 2015", T=4.0, ce_weight=0.1, kd_weight=0.9)``."""
     unknown = sorted(set(recipe) - set(RECIPE_FIELDS))
     if unknown:
         raise TypeError(f"recipe field(s) {unknown} of method {name!r}; recipes set {list(RECIPE_FIELDS)}")
+    bad = sorted(set(reads) - METHOD_FIELDS)
+    if bad:
+        raise TypeError(f"reads={bad} of method {name!r} are not method fields; they are {sorted(METHOD_FIELDS)}")
+    fields_read = set(recipe) | set(reads)
+    if needs_teacher:
+        fields_read.add("teacher")
+        if not needs_features:
+            fields_read |= {"teacher_cache", "cache_dtype"}  # logits alone can come from the cache
 
     def add(build):
-        METHODS.register(name)(Method(build, dict(recipe), source))
+        entry = Method(build, dict(recipe), source, needs_teacher, needs_features, needs_index, frozenset(fields_read))
+        METHODS.register(name)(replace(entry, run=run, check=check))
         return build
 
     return add
 
 
-register_method("ce", source="plain cross-entropy on the labels")(None)
+register_method("ce", source="plain cross-entropy on the labels", needs_teacher=False)(None)
 
 
 def resolve_recipe(cfg: Config) -> Config:
@@ -318,6 +371,8 @@ def resolve_recipe(cfg: Config) -> Config:
         if getattr(cfg, key) is None and key not in values:
             values[key] = default
     out = replace(cfg, **values)
+    if method.check:
+        method.check(out)
     used = [getattr(out, k) for k in WEIGHTS if k in method.recipe]
     if used and not any(used):
         raise ValueError(
@@ -388,22 +443,16 @@ NOT_IN_IDENTITY = {
 }
 
 
-# Methods that never read the teacher: its fields do not change what they compute.
-TEACHERLESS = ("ce", "dml")
-
-
 def run_identity(cfg: Config) -> dict:
     """The fields that decide what a run computes; those at their class default are left out,
-    so adding a field (whose default keeps the old behaviour) leaves earlier runs reusable."""
+    so adding a field (whose default keeps the old behaviour) leaves earlier runs reusable, and so
+    are the method fields its method does not read (``Method.reads``)."""
     cfg = resolve_recipe(cfg)
     defaults = asdict(Config())
     ident = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_IDENTITY and v != defaults[k]}
-    unused = ("teacher", "T", *WEIGHTS, "hint_stage", "teacher_cache", "cache_dtype")
-    unused = unused if cfg.method in TEACHERLESS else ()
+    unused = set(METHOD_FIELDS - METHODS.get(cfg.method).reads)
     if cfg.schedule != "multistep":
-        unused += ("milestones", "gamma")
-    if not cfg.method.startswith("dml"):
-        unused += ("peer_T", "peer_weight")
+        unused |= {"milestones", "gamma"}
     for key in unused:
         ident.pop(key, None)
     return ident
@@ -448,7 +497,7 @@ class Vanilla(nn.Module):
         super().__init__()
         self.student = student
 
-    def forward(self, x, y, *extra):
+    def forward(self, x, y, **_):
         logits = self.student(x)
         return logits, {"ce": F.cross_entropy(logits, y)}
 
@@ -522,7 +571,7 @@ def evaluate(model: nn.Module, loader, amp: bool = False) -> dict:
     loss = torch.zeros((), device=device)
     correct = torch.zeros(2, device=device)
     n = 0
-    for x, y in loader:
+    for x, y, *_ in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x)
@@ -557,40 +606,6 @@ def predict(model: nn.Module, loader, amp: bool = False, output=None) -> tuple[t
     return torch.cat(logits), torch.cat(labels)
 
 
-def top1_agreement(logits_a: torch.Tensor, logits_b: torch.Tensor) -> float:
-    """Percentage of samples on which two models predict the same class."""
-    return 100 * (logits_a.argmax(1) == logits_b.argmax(1)).float().mean().item()
-
-
-def per_sample_kl(logits_s: torch.Tensor, logits_t: torch.Tensor, T: float = 1.0) -> torch.Tensor:
-    """KL(softmax(z_t/T) ‖ softmax(z_s/T)) of every sample, (N,)."""
-    log_p_s = F.log_softmax(logits_s.double() / T, dim=1)  # (N, K)
-    log_p_t = F.log_softmax(logits_t.double() / T, dim=1)  # (N, K)
-    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(1).float()
-
-
-def spearman_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Spearman rank correlation of each row of ``a`` with the same row of ``b``, (N,).
-
-    Ranks by double argsort (ties broken by position, where scipy averages them; exact float
-    ties between logits are rare), then the Pearson correlation of the ranks, all vectorised.
-    """
-    ra = a.argsort(dim=1).argsort(dim=1).double()  # (N, K) ranks 0..K-1
-    rb = b.argsort(dim=1).argsort(dim=1).double()
-    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
-    return ((ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1))).float()
-
-
-def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
-    """ECE (%): Σ_b |B_b|/N · |accuracy(B_b) - confidence(B_b)| over equal-width confidence bins."""
-    conf, pred = logits.float().softmax(1).max(1)
-    correct = (pred == labels).float()
-    bins = (conf * n_bins).long().clamp(max=n_bins - 1)  # (N,) bin of each sample
-    count = torch.bincount(bins, minlength=n_bins).float()
-    gap = torch.bincount(bins, weights=correct - conf, minlength=n_bins).abs()  # |Σ (acc - conf)| per bin
-    return 100 * (gap.sum() / count.sum()).item()
-
-
 def test_metrics(task: nn.Module, loader, amp: bool = False) -> dict:
     """What a run reports each epoch: the task's own ``test_metrics`` if it has one (a cohort
     adds each member's accuracy, say), else ``evaluate`` of its student."""
@@ -603,10 +618,13 @@ def _as_task(module: nn.Module) -> nn.Module:
     return module if hasattr(module, "student") else Vanilla(module)
 
 
-def optimizer_step(step, optimizer, x, y, *extra, amp: bool = False):
-    """One update: forward (bf16 autocast if ``amp``), sum of the named terms, backward, step."""
+def optimizer_step(step, optimizer, x, y, extras: dict | None = None, amp: bool = False):
+    """One update: forward (bf16 autocast if ``amp``), sum of the named terms, backward, step.
+
+    ``extras``: the batch's named extras (``teacher_logits``, ``index``...), passed by keyword.
+    """
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-        logits, terms = step(x, y, *extra)
+        logits, terms = step(x, y, **(extras or {}))
     loss = sum(terms.values())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -620,10 +638,10 @@ def train_one_epoch(task, step, loader, optimizer, device, amp: bool) -> dict:
     sums: dict[str, torch.Tensor] = {}
     correct = torch.zeros((), device=device)
     n, t0 = 0, time.perf_counter()
-    for x, y, *extra in loader:  # extra: e.g. cached teacher logits for these exact views
+    for x, y, *rest in loader:  # rest: the batch's named extras, e.g. cached teacher logits, sample indices
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        extra = [e.to(device, non_blocking=True) for e in extra]
-        logits, terms, loss = optimizer_step(step, optimizer, x, y, *extra, amp=amp)
+        extras = {k: v.to(device, non_blocking=True) for k, v in (rest[0] if rest else {}).items()}
+        logits, terms, loss = optimizer_step(step, optimizer, x, y, extras, amp=amp)
         for name, value in {"loss": loss, **terms}.items():
             sums[name] = sums.get(name, 0) + value.detach().float() * len(y)
         correct += (logits.argmax(1) == y).sum()
@@ -747,6 +765,11 @@ def fit(
     """
     device = resolve_device(cfg.device)
     task = _as_task(module)
+    if getattr(task, "needs_index", False) and not getattr(train_loader, "with_index", False):
+        raise ValueError(
+            "this method needs each batch's sample indices (e.g. CRD's memory bank), but the training loader "
+            "yields none: build it with CifarLoader(..., with_index=True)"
+        )
     world = distributed()[1]
     if world > 1 and device.type == "cuda":  # SyncBatchNorm has no CPU kernels
         task = nn.SyncBatchNorm.convert_sync_batchnorm(task)
@@ -767,6 +790,8 @@ def fit(
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         train_loader.set_epoch(epoch)
+        if hasattr(task, "set_epoch"):  # e.g. a loss with a warm-up (DKD)
+            task.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
         row = {"epoch": epoch + 1, "lr": lr}
         row.update(train_one_epoch(task, step, train_loader, optimizer, device, amp))
@@ -856,15 +881,17 @@ def build_student(cfg: Config) -> nn.Module:
 
 def train(
     cfg: Config,
-    make_task: Callable[[Config, nn.Module], nn.Module] | None = None,
+    make_task: Callable[[Config, nn.Module, object], nn.Module] | None = None,
     wrap_loader: Callable[[nn.Module, object, Config], object] | None = None,
     make_student: Callable[[Config], nn.Module] = build_student,
 ) -> RunResult:
     """Train (or reuse, or resume) the run ``cfg`` describes.
 
-    ``make_task(cfg, student)`` wraps the freshly built student for the loop (a Distiller,
-    say); plain cross-entropy training when it is None. ``wrap_loader(task, loader, cfg)``
-    may replace the training stream (e.g. to add cached teacher outputs to each batch).
+    ``make_task(cfg, student, train_loader)`` wraps the freshly built student for the loop (a
+    Distiller, say; the loader tells it the training-set size); plain cross-entropy training when
+    it is None. The loader yields sample indices (batch extra ``index``) when the method needs
+    them. ``wrap_loader(task, loader, cfg)`` may replace the training stream (e.g. to add cached
+    teacher outputs to each batch).
     ``make_student(cfg)`` builds what is trained and checkpointed (a group of students, say).
     Loss weights and T left at None take the method's recipe first (``resolve_recipe``); the
     result's ``config`` is the resolved one, as saved in the run folder.
@@ -875,10 +902,11 @@ def train(
     if done is not None:
         return done
     with thread_count(cfg.threads):
+        loaders = make_loaders(cfg)  # draws from its own generators, not the model seed
+        loaders.train.with_index = METHODS.get(cfg.method).needs_index
         set_seed(cfg.seed)
         student = make_student(cfg)
-        task = make_task(cfg, student) if make_task else Vanilla(student)
-        loaders = make_loaders(cfg)  # draws from its own generators, not the seed above
+        task = make_task(cfg, student, loaders.train) if make_task else Vanilla(student)
         train_loader = wrap_loader(task, loaders.train, cfg) if wrap_loader else loaders.train
         history = fit(task, train_loader, loaders.test, cfg, run_dir, val_loader=loaders.val)
     return RunResult(task.student.cpu(), history, run_dir, cfg)
@@ -906,7 +934,7 @@ def print_result(result: RunResult) -> None:
 def main(argv=None) -> RunResult:
     parser = build_parser("Train a teacher or an independent (cross-entropy) student.")
     cfg = config_from_args(parser.parse_args(argv))
-    if cfg.method != "ce":
+    if METHODS.get(cfg.method).build is not None or METHODS.get(cfg.method).run is not None:
         parser.error(f"train_eval.py trains with cross-entropy only; use train_kd.py for --method {cfg.method}")
     result = train(cfg)
     print_result(result)

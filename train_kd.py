@@ -10,13 +10,14 @@ that returns named terms; ``register_method`` adds one without touching the trai
 from __future__ import annotations
 
 import hashlib
+import inspect
 import itertools
 import json
 import os
 import sys
 import time
 import typing
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import pandas as pd
@@ -26,7 +27,8 @@ from torch import nn
 
 import data_utils
 from analysis import compare, plot_seeds, summarize, summarize_seeds
-from model import atomic_save, count_flops, count_params, create_model, load_checkpoint
+from model import count_flops, count_params, create_model, load_checkpoint
+from teacher_cache import use_teacher_cache
 from train_eval import (
     METHODS,
     Config,
@@ -40,9 +42,9 @@ from train_eval import (
     config_from_args,
     distributed,
     is_main_process,
+    make_config,
     make_loaders,
     optimizer_step,
-    per_sample_kl,
     print_result,
     register_method,
     resolve_device,
@@ -127,19 +129,56 @@ class LogitStandardKDLoss(KDLoss):
         return kd_loss(standardize(logits_s), standardize(logits_t), self.T)
 
 
-def conflict_analysis(teacher: torch.Tensor, kd: torch.Tensor, independent: torch.Tensor, standardized) -> dict:
-    """Where matching the teacher's logits misleads (all arguments: test-set logits, (N, K)).
+def dkd_terms(
+    logits_s: torch.Tensor, logits_t: torch.Tensor, target: torch.Tensor, T: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample TCKD and NCKD (Zhao et al. 2022), both with the T² factor, each (B,).
 
-    A conflict is a sample on which the KD student is *closer* to the teacher in KL than the
-    independent student, yet predicts a different class than the teacher while the
-    independent student agrees with it: a small divergence that still loses the ranking.
-    ``corrected`` counts the conflicts on which the logit-standardised student agrees.
+    TCKD = T²·KL(b_t ‖ b_s), b = (p_target, 1 − p_target) of softmax(z/T);
+    NCKD = T²·KL(p̂_t ‖ p̂_s), p̂ = softmax(z/T) over the non-target classes only.
+    KD = TCKD + (1 − p_t,target)·NCKD for every sample: the classical loss couples the two.
     """
-    t_pred = teacher.argmax(1)
-    closer = per_sample_kl(kd, teacher) < per_sample_kl(independent, teacher)
-    mask = closer & (kd.argmax(1) != t_pred) & (independent.argmax(1) == t_pred)  # (N,)
-    corrected = mask & (standardized.argmax(1) == t_pred)
-    return {"samples": len(t_pred), "conflicts": int(mask.sum()), "corrected": int(corrected.sum()), "mask": mask}
+    zs, zt = upcast(logits_s) / T, upcast(logits_t) / T  # (B, K)
+    is_target = F.one_hot(target, zs.shape[1]).bool()  # (B, K)
+
+    def parts(z):
+        log_all = torch.logsumexp(z, dim=1)  # (B,)
+        non_target = z.masked_fill(is_target, float("-inf"))  # (B, K)
+        log_b = torch.stack([z[is_target] - log_all, torch.logsumexp(non_target, 1) - log_all], 1)  # (B, 2)
+        return log_b, F.log_softmax(non_target, dim=1)  # log p̂: -inf at the target
+
+    log_b_s, log_hat_s = parts(zs)
+    log_b_t, log_hat_t = parts(zt)
+    tckd = (log_b_t.exp() * (log_b_t - log_b_s)).sum(1)
+    nckd = (log_hat_t.exp() * (log_hat_t - log_hat_s)).masked_fill(is_target, 0.0).sum(1)
+    return tckd * T * T, nckd * T * T
+
+
+class DKDLoss(nn.Module):
+    """Decoupled KD (Zhao et al., CVPR 2022, "Decoupled Knowledge Distillation").
+
+    L = w_ce · CE + min((epoch + 1) / warm-up, 1) · (α · TCKD + β · NCKD), batch means of
+    ``dkd_terms``. Classical KD weighs NCKD by the teacher's 1 − p_target, so the better the
+    teacher is on a sample the less its dark knowledge counts; DKD weighs it by a free β.
+    Released recipe (mdistiller ``configs/cifar100/dkd/vgg13_vgg8.yaml`` on ``engine/cfg.py``):
+    w_ce = 1, α = 1, β = 6 for VGG13→VGG8 (8 elsewhere), T = 4, 20 warm-up epochs of 240.
+    """
+
+    def __init__(self, T: float = 4.0, ce_weight: float = 1.0, alpha: float = 1.0, beta: float = 6.0, warmup=20):
+        super().__init__()
+        self.T, self.ce_weight, self.alpha, self.beta, self.warmup = T, ce_weight, alpha, beta, warmup
+        self.ramp = 1.0 if not warmup else 1 / warmup
+
+    def set_epoch(self, epoch: int) -> None:
+        self.ramp = 1.0 if not self.warmup else min((epoch + 1) / self.warmup, 1.0)
+
+    def forward(self, logits_s, logits_t, target, **_) -> dict[str, torch.Tensor]:
+        tckd, nckd = dkd_terms(logits_s, logits_t, target, self.T)
+        return {
+            "ce": self.ce_weight * F.cross_entropy(logits_s, target),
+            "tckd": self.ramp * self.alpha * tckd.mean(),
+            "nckd": self.ramp * self.beta * nckd.mean(),
+        }
 
 
 class FrozenTeacher(nn.Module):
@@ -190,8 +229,18 @@ class Distiller(nn.Module):
     def needs_features(self) -> bool:
         return getattr(self.loss, "needs_features", False)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None = None):
-        """``teacher_logits``: the teacher's outputs for exactly these views, if cached."""
+    @property
+    def needs_index(self) -> bool:
+        return getattr(self.loss, "needs_index", False)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The loop's epoch (0-based), for losses that change with it (a warm-up, say)."""
+        if hasattr(self.loss, "set_epoch"):
+            self.loss.set_epoch(epoch)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None = None, **extras):
+        """``teacher_logits``: the teacher's outputs for exactly these views, if cached; other
+        named batch extras (``index``...) go to the loss by keyword."""
         if self.needs_features:
             logits_s, feats_s = self.student(x, features=True)
             logits_t, feats_t = self.teacher(x, features=True)
@@ -199,86 +248,8 @@ class Distiller(nn.Module):
             logits_s, feats_s = self.student(x), None
             logits_t = teacher_logits if teacher_logits is not None else self.teacher(x)
             feats_t = None
-        terms = self.loss(logits_s, logits_t, y, s_feats=feats_s, t_feats=feats_t)
+        terms = self.loss(logits_s, logits_t, y, s_feats=feats_s, t_feats=feats_t, **extras)
         return logits_s, terms
-
-
-# ----------------------------------------------------------------------------- teacher-output reuse
-
-
-def weights_digest(model: nn.Module) -> str:
-    """Content hash of a model's weights and buffers: the teacher part of a cache key."""
-    digest = hashlib.sha1()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-class CachedTeacherLoader:
-    """The training stream plus the teacher's logits for exactly its views: ``(x, y, logits)``.
-
-    The idea of FKD (Shen & Xing, ECCV 2022) on CIFAR: an epoch's stream (order, crops,
-    flips) is a pure function of the loader's seed and the epoch, so the teacher's outputs
-    on it can be computed once, stored (``cache_dir/<key>/epoch_NNNN.pt``, an ``(n, K)``
-    tensor in plan order) and read by every later student on the same stream. The key
-    hashes the teacher's weights, the data's content, normalisation, augmentation, stream
-    seed, shard, precision and storage dtype: change any of them and the logits are
-    recomputed, never reused.
-    """
-
-    def __init__(self, loader, teacher: FrozenTeacher, cache_dir: str, amp: bool = False, dtype=torch.float16):
-        self.loader, self.teacher, self.amp, self.dtype = loader, teacher, amp, dtype
-        key = {
-            "teacher": weights_digest(teacher.net),
-            "stream": loader.fingerprint(),
-            "amp": amp,
-            "dtype": str(dtype),
-        }
-        self.key = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        self.dir = os.path.join(cache_dir, self.key)
-        self.computed = 0  # epochs whose logits this object had to compute (for tests, reports)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.loader.set_epoch(epoch)
-
-    @torch.no_grad()
-    def _compute(self, epoch: int) -> torch.Tensor:
-        device = self.loader.device
-        self.teacher.to(device)
-        outputs = []
-        for x, _ in self.loader.batches(epoch, drop_last=False):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.amp):
-                outputs.append(self.teacher(x).float().to(self.dtype).cpu())  # (B, K)
-        self.computed += 1
-        return torch.cat(outputs)  # (n, K) in plan order
-
-    def epoch_logits(self, epoch: int) -> torch.Tensor:
-        path = os.path.join(self.dir, f"epoch_{epoch:04d}.pt")
-        if os.path.isfile(path):
-            return torch.load(path, map_location="cpu")
-        logits = self._compute(epoch)
-        atomic_save(logits, path)
-        return logits
-
-    def __iter__(self):
-        logits = self.epoch_logits(self.loader.epoch).to(self.loader.device)
-        bs = self.loader.batch_size
-        for i, (x, y) in enumerate(self.loader):
-            yield x, y, logits[i * bs : i * bs + len(y)].float()  # (B, K)
-
-
-def use_teacher_cache(task: nn.Module, loader, cfg: Config):
-    """``wrap_loader`` for ``train``: the stream with the teacher's cached logits added to every
-    batch, if the task's loss needs nothing else from the teacher (else the stream unchanged)."""
-    if task.needs_features:
-        return loader  # feature methods need the teacher's activations: it runs online
-    dtype = getattr(torch, cfg.cache_dtype)
-    amp = amp_enabled(cfg, resolve_device(cfg.device))
-    return CachedTeacherLoader(loader, task.teacher, os.path.join(cfg.out_dir, "teacher_cache"), amp, dtype)
 
 
 # ----------------------------------------------------------------------------- methods
@@ -292,7 +263,7 @@ KD_SOURCE = "Hinton et al. 2015; CIFAR-100 recipe of RepDistiller (-r 0.1 -a 0.9
 
 
 @register_method("kd", source=KD_SOURCE, **KD_RECIPE)
-def _build_kd(cfg: Config, student: nn.Module, teacher: nn.Module) -> nn.Module:
+def _build_kd(cfg: Config, student: nn.Module, teacher: nn.Module, **_) -> nn.Module:
     return KDLoss(cfg.T, cfg.ce_weight, cfg.kd_weight)
 
 
@@ -304,8 +275,32 @@ def _build_kd(cfg: Config, student: nn.Module, teacher: nn.Module) -> nn.Module:
     ce_weight=0.1,
     kd_weight=9.0,
 )
-def _build_kd_ls(cfg: Config, student: nn.Module, teacher: nn.Module) -> nn.Module:
+def _build_kd_ls(cfg: Config, student: nn.Module, teacher: nn.Module, **_) -> nn.Module:
     return LogitStandardKDLoss(cfg.T, cfg.ce_weight, cfg.kd_weight)
+
+
+def _check_dkd(cfg: Config) -> None:
+    if cfg.warmup > cfg.epochs:
+        raise ValueError(
+            f"DKD's warm-up ({cfg.warmup:g} epochs) is longer than the run ({cfg.epochs} epochs): the distillation "
+            f"terms would never reach full weight. The release uses 20 of 240 epochs; scale it, e.g. "
+            f"--warmup {cfg.epochs * 20 / 240:g}"
+        )
+
+
+@register_method(
+    "dkd",
+    source="Zhao et al. 2022; mdistiller configs/cifar100/dkd/vgg13_vgg8.yaml (BETA 6) on engine/cfg.py "
+    "(CE 1, ALPHA 1, T 4, WARMUP 20 of 240 epochs)",
+    check=_check_dkd,
+    T=4.0,
+    ce_weight=1.0,
+    tckd_weight=1.0,
+    nckd_weight=6.0,
+    warmup=20.0,
+)
+def _build_dkd(cfg: Config, student: nn.Module, teacher: nn.Module, **_) -> nn.Module:
+    return DKDLoss(cfg.T, cfg.ce_weight, cfg.tckd_weight, cfg.nckd_weight, cfg.warmup)
 
 
 def load_teacher(path: str, cfg: Config) -> nn.Module:
@@ -319,19 +314,34 @@ def load_teacher(path: str, cfg: Config) -> nn.Module:
     return teacher
 
 
-def build_distiller(cfg: Config, student: nn.Module) -> Distiller:
+def build_distiller(cfg: Config, student: nn.Module, train_loader=None) -> Distiller:
+    """The loop's task for a distillation method: student, frozen teacher and the method's loss,
+    sized by the training set that ``train_loader`` holds (CRD's memory bank, say)."""
     teacher = load_teacher(cfg.teacher, cfg)
-    loss = get_method(cfg.method)(cfg, student, teacher)
+    context = {"num_classes": teacher.num_classes}
+    if train_loader is not None:
+        context["train_size"] = len(getattr(train_loader, "loader", train_loader).images)
+    loss = get_method(cfg.method)(cfg, student, teacher, **context)
     return Distiller(student, teacher, loss)
 
 
 def get_method(name: str):
-    """The loss builder ``build(cfg, student, teacher)`` of a distillation method; it fills the
-    config's unset weights and temperature from the method's recipe before building."""
+    """The loss builder ``build(cfg, student, teacher, **context)`` of a distillation method; it
+    fills the config's unset weights from the method's recipe and passes the context keys
+    (``train_size``, ``num_classes``) that the builder names."""
     build = METHODS.get(name).build
     if build is None:
         raise ValueError(f"method {name!r} has no distillation loss; distillation methods: {', '.join(loss_methods())}")
-    return lambda cfg, student, teacher: build(resolve_recipe(cfg), student, teacher)
+    params = inspect.signature(build).parameters
+    takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+    def built(cfg, student, teacher, **context):
+        if context.get("train_size") is None and "train_size" in params:
+            raise ValueError(f"method {name!r} is sized by the training set: pass train_size=len(training images)")
+        context = context if takes_all else {k: v for k, v in context.items() if k in params}
+        return build(resolve_recipe(cfg), student, teacher, **context)
+
+    return built
 
 
 def loss_methods() -> list[str]:
@@ -339,12 +349,30 @@ def loss_methods() -> list[str]:
 
 
 def distill(cfg: Config) -> RunResult:
-    """Train (or reuse) the student that ``cfg`` describes, distilled with ``cfg.method``."""
-    if cfg.method == "ce":
-        return train(cfg)
-    get_method(cfg.method)  # fail on a bad name before any data is read
-    wrap = use_teacher_cache if cfg.teacher_cache else None
-    return train(cfg, make_task=build_distiller, wrap_loader=wrap)
+    """Train (or reuse) the run ``cfg`` describes: a student distilled with ``cfg.method``, or any
+    registered method through its own run function (``ce``: plain training; ``dml``: a cohort)."""
+    method = METHODS.get(cfg.method)  # a bad name fails before any data is read
+    if method.build is None and method.run is None:
+        return train(cfg)  # ce
+    if method.build is None:
+        return method.run(cfg)
+    check_method_inputs(cfg)
+    return train(cfg, make_task=build_distiller, wrap_loader=use_teacher_cache if cfg.teacher_cache else None)
+
+
+def check_method_inputs(cfg: Config) -> None:
+    """Start-up errors for what the method needs and the config cannot give."""
+    method = METHODS.get(cfg.method)
+    resolve_recipe(cfg)
+    if method.needs_teacher and not cfg.teacher:
+        raise ValueError(f"method {cfg.method!r} needs a teacher: pass --teacher RUN_OR_CHECKPOINT (teacher=...)")
+    if cfg.teacher_cache and method.needs_features:
+        raise ValueError(
+            f"method {cfg.method!r} needs the teacher's features, not only its logits; teacher-output reuse "
+            "(--teacher-cache) stores logits: drop it (the teacher then runs online)"
+        )
+    if method.needs_index and distributed()[1] > 1:
+        raise ValueError(f"method {cfg.method!r} keeps a per-sample memory bank, which this loop does not shard")
 
 
 # ----------------------------------------------------------------------------- cost of a method
@@ -354,9 +382,11 @@ def _cost_worker(cfg: Config, steps: int, queue) -> None:
     import resource
 
     train_loader = make_loaders(cfg).train
+    train_loader.with_index = METHODS.get(cfg.method).needs_index
     num_classes = data_utils.DATASETS[cfg.dataset].num_classes
     student = create_model(cfg.model, num_classes=num_classes, width=cfg.width)
-    task = build_distiller(cfg, student) if cfg.method != "ce" else Vanilla(student)
+    distills = METHODS.get(cfg.method).build is not None
+    task = build_distiller(cfg, student, train_loader) if distills else Vanilla(student)
     device = resolve_device(cfg.device)
     task.to(device).train()
     if cfg.channels_last:
@@ -367,7 +397,7 @@ def _cost_worker(cfg: Config, steps: int, queue) -> None:
     amp = amp_enabled(cfg, device)
 
     def step():
-        optimizer_step(task, optimizer, *next(batches), amp=amp)
+        optimizer_step(task, optimizer, *next(batches), amp=amp)  # (x, y) or (x, y, extras)
 
     for _ in range(2):  # warm-up: allocator, oneDNN kernels
         step()
@@ -385,7 +415,7 @@ def _cost_worker(cfg: Config, steps: int, queue) -> None:
             "seconds_per_step": seconds / steps,
             "images_per_s": steps * cfg.batch_size / seconds,
             "peak_memory_mb": peak,
-            "extra_params": count_params(task.loss) if cfg.method != "ce" else 0,
+            "extra_params": count_params(task.loss) if distills else 0,
         }
     )
 
@@ -625,6 +655,32 @@ def teacher_config(cfg: Config) -> Config:
     )
 
 
+@dataclass
+class Experiment:
+    """What a notebook starts from: its config, seeds, trained teacher and figure folder."""
+
+    cfg: Config
+    seeds: range
+    teacher: RunResult
+    figures: str
+
+
+def setup_experiment(name: str, profile: str = "cpu", data_dir: str = "./data", out_dir: str = "runs") -> Experiment:
+    """The shared first cell of the notebooks: the profile's config (generated data in ``smoke``),
+    its seeds, the teacher (trained once, then reused) and ``<out_dir>/figures/<name>``."""
+    overrides = {"out_dir": out_dir} | ({} if profile == "smoke" else {"data_dir": data_dir})
+    cfg = make_config(profile, **overrides)
+    figures = os.path.join(out_dir, "figures", name)
+    os.makedirs(figures, exist_ok=True)
+    teacher = train(teacher_config(cfg))
+    print(
+        f"profile {profile}: {cfg.dataset}, {cfg.val_size} validation images, seeds 0-{cfg.n_seeds - 1}; teacher "
+        f"{cfg.teacher_model} x{cfg.teacher_width:g} ({teacher.history['test_top1'].iloc[-1]:.2f}% test top-1); "
+        f"students {cfg.model} x{cfg.width:g}, {cfg.epochs} epochs, {cfg.subset or 'all'} images per class"
+    )
+    return Experiment(cfg, range(cfg.n_seeds), teacher, figures)
+
+
 def _row(role: str, results: list[RunResult]) -> dict:
     stats = summarize_seeds(results)
     cfg = results[0].config
@@ -672,7 +728,7 @@ def run_demo(cfg: Config) -> pd.DataFrame:
     failed = [f"{run_name(c)}: {d['error']}" for c, d in zip(configs, done, strict=True) if "error" in d]
     if failed:
         raise RuntimeError("demo runs failed:\n  " + "\n  ".join(failed))
-    results = [train(c) if c.method == "ce" else distill(c) for c in configs]  # finished: read back, not retrained
+    results = [distill(c) for c in configs]  # finished: read back, not retrained
     independent, kd = results[: len(seeds)], results[len(seeds) :]
     table = pd.DataFrame([_row("teacher", [teacher]), _row("independent", independent), _row("kd", kd)])
     table.attrs["kd_vs_independent"] = compare(kd, independent) if len(seeds) > 1 else None
@@ -717,12 +773,10 @@ def main(argv=None):
         cfg = config_from_args(args)
         if demo:
             return _main_demo(cfg)
-        if cfg.method != "ce" and not cfg.teacher:
-            parser.error("--teacher RUN_OR_CHECKPOINT is required for distillation")
         if grid:
             seeds = parse_seeds(seeds) if seeds else range(cfg.n_seeds)
             return _main_sweep(cfg, parse_grid(grid), seeds, jobs if jobs == "auto" else int(jobs))
-        resolve_recipe(cfg)
+        check_method_inputs(cfg)
     except (ValueError, TypeError, KeyError) as err:
         parser.error(str(err))
     result = distill(cfg)

@@ -156,9 +156,9 @@ def conv_peak(channels: int, batch: int, repeats: int) -> float:
 
 
 def make_stepper(task, bf16: bool = False):
-    """``step(x, y, *extra)``: one optimizer step of ``task`` (the loop's own), its optimizer built once."""
+    """``step(x, y, extras)``: one optimizer step of ``task`` (the loop's own), its optimizer built once."""
     optimizer = build_optimizer(task, make_config("cpu"))
-    return lambda x, y, *extra: optimizer_step(task, optimizer, x, y, *extra, amp=bf16)
+    return lambda x, y, extras=None: optimizer_step(task, optimizer, x, y, extras, amp=bf16)
 
 
 def repeat_steps(stepper, batch, steps: int):
@@ -257,7 +257,7 @@ def bench_kd(args) -> dict:
     cases = {
         "ce": repeat_steps(make_stepper(ce), (x, y), steps),
         "kd_online": repeat_steps(kd_step, (x, y), steps),
-        "kd_cached": repeat_steps(kd_step, (x, y, cached), steps),
+        "kd_cached": repeat_steps(kd_step, (x, y, {"teacher_logits": cached}), steps),
     }
     sec = interleaved(cases, args.repeats)
     return {

@@ -32,9 +32,20 @@ def smoke_cfg(synthetic_dir, tmp_path):
     """The smoke profile on the generated data, writing runs under tmp_path."""
 
     def make(**overrides):
-        return make_config("smoke", data_dir=synthetic_dir, out_dir=str(tmp_path / "runs"), **overrides)
+        overrides = {"out_dir": str(tmp_path / "runs"), **overrides}
+        return make_config("smoke", data_dir=synthetic_dir, **overrides)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def smoke_teacher(synthetic_dir, tmp_path_factory):
+    """The smoke profile's teacher, trained once for the session."""
+    from train_eval import train
+    from train_kd import teacher_config
+
+    cfg = make_config("smoke", data_dir=synthetic_dir, out_dir=str(tmp_path_factory.mktemp("runs")))
+    return train(teacher_config(cfg))
 
 
 @pytest.fixture(scope="session")

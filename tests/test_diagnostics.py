@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy import stats
 
-from train_eval import expected_calibration_error, per_sample_kl, spearman_rows, top1_agreement
+from analysis import conflict_analysis, expected_calibration_error, per_sample_kl, spearman_rows, top1_agreement
 from train_kd import KDLoss, LogitStandardKDLoss, kd_loss, standardize
 
 
@@ -53,6 +53,16 @@ def test_spearman_matches_scipy():
     assert spearman_rows(a, -a).max().item() == pytest.approx(-1.0)
 
 
+def test_spearman_averages_tied_ranks_like_scipy():
+    # fp16 logits tie often; the result must not depend on the order of tied classes
+    a = torch.tensor([[1.0, 2.0, 2.0, 3.0, 3.0, 3.0], [0.0, 0.0, 0.0, 0.0, 1.0, 2.0]])
+    b = torch.tensor([[3.0, 1.0, 2.0, 2.0, 5.0, 4.0], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
+    ref = [stats.spearmanr(a[i], b[i]).statistic for i in range(2)]
+    assert spearman_rows(a, b).tolist() == pytest.approx(ref, abs=1e-6)
+    perm = torch.tensor([2, 1, 0, 5, 4, 3])  # the same class order in both: tied ranks move, the value must not
+    assert spearman_rows(a[:, perm], b[:, perm]).tolist() == pytest.approx(ref, abs=1e-6)
+
+
 def test_per_sample_kl_and_agreement_by_hand():
     s = torch.tensor([[0.0, 0.0, 0.0], [0.0, 5.0, 0.0]])
     t = torch.tensor([[math.log(2.0), 0.0, 0.0], [0.0, 5.0, 0.0]])
@@ -81,7 +91,6 @@ def test_expected_calibration_error_against_a_loop():
 
 
 def test_conflict_analysis_counts_by_hand():
-    from train_kd import conflict_analysis
 
     teacher = torch.tensor([[3.0, 2.9, 0.0], [3.0, 0.0, 0.0], [0.0, 3.0, 0.0]])
     kd = torch.tensor([[2.9, 3.0, 0.0], [3.0, 0.0, 0.0], [0.0, 3.0, 0.0]])  # sample 0: close, wrong class

@@ -107,7 +107,7 @@ def test_two_stage_fitnets_stage1_trains_only_up_to_the_hint(smoke_cfg):
 
 
 def test_linear_cka_by_construction():
-    from feature_kd import linear_cka
+    from analysis import linear_cka
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(200, 30, generator=gen)

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 import multi_student as ms
+from analysis import group_metrics
 from model import count_params, create_model, load_checkpoint
-from train_eval import build_optimizer, make_config, make_loaders, train
-from train_kd import KDLoss, teacher_config
+from train_eval import build_optimizer, make_config, make_loaders
+from train_kd import KDLoss
 
 
 @pytest.mark.parametrize("dim,k", [(128, 4), (130, 4), (64, 1), (10, 10), (100, 3)])
@@ -123,7 +124,7 @@ def test_ensemble_of_identical_members_equals_one_member():
     group = ms.Ensemble([copy.deepcopy(member) for _ in range(3)]).eval()
     x = torch.randn(6, 3, 32, 32)
     assert torch.allclose(group(x), member(x), atol=1e-6)
-    metrics = ms.group_metrics([member(x).detach()] * 3, torch.zeros(6, dtype=torch.long))
+    metrics = group_metrics([member(x).detach()] * 3, torch.zeros(6, dtype=torch.long))
     assert metrics["disagreement"] == 0
     assert metrics["top1"] == metrics["top1_m0"] == metrics["top1_m2"]
 
@@ -134,7 +135,7 @@ def test_group_metrics_by_hand():
     b = F.one_hot(torch.tensor([0, 2, 2, 1]), 3).float()  # right on 2 of 4
     c = F.one_hot(torch.tensor([0, 1, 2, 2]), 3).float()  # right on 3 of 4
     teacher = F.one_hot(torch.tensor([0, 1, 2, 1]), 3).float()
-    out = ms.group_metrics([a, b, c], labels, teacher)
+    out = group_metrics([a, b, c], labels, teacher)
     assert (out["top1_m0"], out["top1_m1"], out["top1_m2"]) == (75, 50, 75)
     # pairs: a-b differ on samples 1,2,3 (3/4); a-c on 2,3 (2/4); b-c on 1,3 (2/4)
     assert out["disagreement"] == pytest.approx(100 * (3 + 2 + 2) / 12)
@@ -177,12 +178,6 @@ def test_partition_loss_by_hand():
 
 
 # ----------------------------------------------------------------------------- whole runs in the loop
-
-
-@pytest.fixture(scope="module")
-def smoke_teacher(synthetic_dir, tmp_path_factory):
-    cfg = make_config("smoke", data_dir=synthetic_dir, out_dir=str(tmp_path_factory.mktemp("runs")))
-    return train(teacher_config(cfg))
 
 
 def test_mutual_learning_run_learns_and_reports_every_member(smoke_cfg, smoke_teacher):

@@ -208,6 +208,16 @@ def test_scripts_run_as_scripts():
         assert "--profile" in done.stdout
 
 
+def test_sweep_from_the_script_with_worker_processes(synthetic_dir, tmp_path, smoke_teacher):
+    # spawned workers import the script again (as __mp_main__): its methods must not clash
+    args = ["--profile", "smoke", "--data-dir", synthetic_dir, "--out-dir", str(tmp_path), "--epochs", "1"]
+    args += ["--teacher", smoke_teacher.run_dir, "--sweep", "T=2,4", "--seeds", "0", "--jobs", "2"]
+    env = {**os.environ, "KD_PROGRESS": "0"}
+    done = subprocess.run([sys.executable, "train_kd.py", *args], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "picked on validation" in done.stdout
+
+
 def test_sweep_cli_prints_the_pick(synthetic_dir, tmp_path, capsys):
     teacher = train(make_config("smoke", data_dir=synthetic_dir, out_dir=str(tmp_path), epochs=1, model="vgg11"))
     args = ["--profile", "smoke", "--data-dir", synthetic_dir, "--out-dir", str(tmp_path), "--epochs", "1"]

@@ -7,8 +7,9 @@ import torch
 
 from data_utils import CifarLoader, load_cifar
 from model import create_model, read_checkpoint
+from teacher_cache import CachedTeacherLoader
 from train_eval import train
-from train_kd import CachedTeacherLoader, FrozenTeacher, distill
+from train_kd import FrozenTeacher, distill
 
 
 def _loader(synthetic_dir, seed=0, crop_pad=4, subset=None):
@@ -29,9 +30,9 @@ def test_cached_logits_are_the_teachers_outputs_on_the_same_views(synthetic_dir,
     loader, teacher = _loader(synthetic_dir), _teacher()
     cache = CachedTeacherLoader(loader, teacher, str(tmp_path), dtype=torch.float32)
     cache.set_epoch(1)
-    for (x, y, logits), (x2, y2) in zip(cache, loader, strict=True):
+    for (x, y, extras), (x2, y2) in zip(cache, loader, strict=True):
         assert torch.equal(x, x2) and torch.equal(y, y2)
-        assert torch.allclose(logits, teacher(x), atol=1e-5)
+        assert torch.allclose(extras["teacher_logits"], teacher(x), atol=1e-5)
     assert cache.computed == 1
     again = CachedTeacherLoader(loader, teacher, str(tmp_path), dtype=torch.float32)
     again.set_epoch(1)
