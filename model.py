@@ -7,8 +7,10 @@ model, ckpt = load_checkpoint("runs/x")      # the name and sizes come from the 
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
+import pickle
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, is_dataclass
@@ -171,6 +173,19 @@ def specialists(
 # ----------------------------------------------------------------------------- checkpoints
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(folder: str) -> None:
+    """Delete ``.tmp-*`` files a killed writer left in a run folder (call before writing to it)."""
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        if name.startswith(".tmp-") or ".tmp-" in name:
+            os.remove(os.path.join(folder, name))
+
+
 def atomic_save(obj, path: str) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename: never a torn file."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -179,6 +194,7 @@ def atomic_save(obj, path: str) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; a shared teacher must stay readable
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -220,7 +236,20 @@ def resolve_checkpoint(path: str) -> str:
 
 
 def read_checkpoint(path: str, map_location="cpu") -> dict:
-    return torch.load(resolve_checkpoint(path), map_location=map_location, weights_only=False)
+    """The checkpoint's contents, unpickled with ``weights_only=True``: tensors and plain values
+    only, so no code in the file ever runs."""
+    path = resolve_checkpoint(path)
+    try:
+        with torch.serialization.safe_globals([collections.Counter]):  # MultiStepLR keeps its milestones in one
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"refusing to load {path}: it holds Python objects beyond tensors and plain values, and unpickling "
+            f"them could run code ({str(err).splitlines()[0]}). Load only checkpoints from a source you trust; "
+            "this project writes its own with save_checkpoint."
+        ) from err
+    except (RuntimeError, EOFError) as err:
+        raise ValueError(f"cannot read checkpoint {path} ({err}); it may be truncated: delete it and rerun") from err
 
 
 def load_checkpoint(path: str, map_location="cpu") -> tuple[nn.Module, dict]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 
 import torch
 from torch import nn
@@ -71,7 +72,10 @@ class CachedTeacherLoader:
     def epoch_logits(self, epoch: int) -> torch.Tensor:
         path = os.path.join(self.dir, f"epoch_{epoch:04d}.pt")
         if os.path.isfile(path):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except (RuntimeError, EOFError, pickle.UnpicklingError):
+                pass  # a truncated file (a killed writer before atomic saves, a full disk): compute it again
         logits = self._compute(epoch)
         atomic_save(logits, path)
         return logits

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -40,6 +41,8 @@ from model import (
     create_model,
     load_checkpoint,
     read_checkpoint,
+    remove_stale_temporaries,
+    resolve_checkpoint,
     save_checkpoint,
 )
 
@@ -87,6 +90,7 @@ class Config:
     crd_T: float | None = None  # CRD: NCE temperature
     crd_momentum: float | None = None  # CRD: memory-bank update momentum
     init_from: str = ""  # run folder or checkpoint whose weights initialise the model (e.g. FitNets stage 2)
+    trust_teacher: bool = False  # distil even from a teacher that is unfinished or scores at chance level
     # optimisation
     epochs: int = 240
     optimizer: str = "sgd"  # sgd | adam
@@ -221,9 +225,20 @@ def check_config(cfg: Config) -> None:
     for key in ("epochs", "batch_size", "members"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key} must be >= 1, got {getattr(cfg, key)}")
-    for key in ("subset", "val_size", "threads", "teacher_threads"):
+    for key in ("subset", "val_size", "threads", "teacher_threads", "seed", "data_seed", "split_seed"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    for key in ("width", "teacher_width"):
+        if getattr(cfg, key) <= 0:
+            raise ValueError(f"{key} must be > 0, got {getattr(cfg, key)}")
+    if cfg.lr < 0:
+        raise ValueError(f"lr must be >= 0, got {cfg.lr}")
+    if not 0 <= cfg.momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {cfg.momentum}")
+    if not 0 <= cfg.hint_stage < 5:
+        raise ValueError(f"hint_stage={cfg.hint_stage}: the VGGs have stages 0-4 (the benchmark's hint is stage 2)")
+    if cfg.name and (os.path.basename(cfg.name) != cfg.name or cfg.name in (".", "..") or cfg.name.startswith(".")):
+        raise ValueError(f"name={cfg.name!r} must be a plain folder name inside out_dir (no '/', no leading '.')")
     if cfg.alpha is not None and not 0 <= cfg.alpha <= 1:
         raise ValueError(
             f"alpha is the shorthand ce_weight = 1 - alpha, kd_weight = alpha; need 0 <= alpha <= 1, got {cfg.alpha}"
@@ -440,6 +455,7 @@ NOT_IN_IDENTITY = {
     "teacher_epochs",
     "teacher_threads",
     "budget",
+    "trust_teacher",  # the teacher's weights are in the identity
 }
 
 
@@ -455,7 +471,33 @@ def run_identity(cfg: Config) -> dict:
         unused |= {"milestones", "gamma"}
     for key in unused:
         ident.pop(key, None)
+    if ident.get("teacher"):  # the teacher's weights, not where they lie: a retrained teacher is a new run
+        ident["teacher"] = teacher_digest(cfg.teacher)
+    try:
+        ident["data"] = data_utils.data_digest(cfg.dataset, cfg.data_dir)
+    except FileNotFoundError:
+        pass  # no data yet: nothing is trained on this config until it exists (train prepares it first)
     return ident
+
+
+def teacher_digest(path: str) -> str:
+    """Content hash of a teacher checkpoint's weights (the path itself where no file is there yet)."""
+    try:
+        file = resolve_checkpoint(path)
+    except FileNotFoundError:
+        return path
+    st = os.stat(file)
+    return _weights_digest(os.path.abspath(file), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _weights_digest(file: str, size: int, mtime_ns: int) -> str:
+    state = read_checkpoint(file).get("model") or {}
+    digest = hashlib.sha1()
+    for name, tensor in sorted(state.items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def run_name(cfg: Config) -> str:
@@ -705,6 +747,16 @@ def _resume(task, optimizer, scheduler, run_dir: str, cfg: Config) -> tuple[int,
     return ckpt["epoch"], list(ckpt["metrics"] or [])
 
 
+def _check_finite(row: dict, epoch: int, history: list) -> None:
+    """Stop before a diverged epoch overwrites the last good checkpoint."""
+    if not math.isfinite(row["train_loss"]):
+        kept = f"the checkpoint of epoch {len(history)} is kept" if history else "nothing was saved"
+        raise FloatingPointError(
+            f"training diverged in epoch {epoch + 1} (train loss {row['train_loss']}); {kept}. "
+            "Lower the learning rate (--lr) or the loss weights and start again."
+        )
+
+
 def _save(task, optimizer, scheduler, run_dir, cfg, history, epoch) -> None:
     atomic_write_text(os.path.join(run_dir, "metrics.csv"), pd.DataFrame(history).to_csv(index=False))
     train_state = {
@@ -781,10 +833,11 @@ def fit(
     scheduler = build_scheduler(optimizer, cfg)
     start, history = 0, []
     if run_dir:
+        start, history = _resume(task, optimizer, scheduler, run_dir, cfg)  # refuses another config's folder first
         if is_main_process():
             os.makedirs(run_dir, exist_ok=True)
+            remove_stale_temporaries(run_dir)
             atomic_write_text(os.path.join(run_dir, "config.json"), json.dumps(asdict(cfg), indent=2))
-        start, history = _resume(task, optimizer, scheduler, run_dir, cfg)
     step = _wrap_for_training(task, device, cfg, world)
     bar = _progress(cfg.epochs, run_name(cfg) if run_dir else "train", start)
     for epoch in range(start, cfg.epochs):
@@ -802,6 +855,7 @@ def fit(
         row.update({f"test_{k}": v for k, v in test.items()})
         row["seconds"] = time.perf_counter() - t0
         row["threads"] = torch.get_num_threads() if device.type == "cpu" else 0
+        _check_finite(row, epoch, history)
         scheduler.step()
         history.append(row)
         if run_dir and is_main_process():  # one writer; every rank holds the same weights
@@ -833,15 +887,42 @@ def prepare_data(cfg: Config) -> None:
         data_utils.write_synthetic_cifar(cfg.data_dir, cfg.dataset, n_train=2000, n_test=500)
     elif cfg.download:
         data_utils.download_cifar(cfg.dataset, cfg.data_dir)
+    if not cfg.synthetic and data_utils.is_generated(cfg.dataset, cfg.data_dir):
+        raise ValueError(
+            f"{data_utils.find_dataset_dir(cfg.dataset, cfg.data_dir)} holds generated data (marked "
+            f"{data_utils.GENERATED_MARK}), not {cfg.dataset}: point --data-dir at the real data, or pass "
+            "--synthetic (the smoke profile does) to train on generated data on purpose"
+        )
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str):
+    """Hold an exclusive lock on a run folder (one process at a time trains or checks it)."""
+    if distributed()[1] > 1:  # every rank trains the same run together
+        yield
+        return
+    import fcntl
+
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _prepare(cfg: Config) -> None:
+    if is_main_process():
+        prepare_data(cfg)
+    _barrier()
 
 
 def make_loaders(cfg: Config) -> data_utils.CifarLoaders:
     """``(train, val, test)``: training loader (this process's shard under torchrun), the held-out
     validation images (None when ``cfg.val_size`` is 0) and the whole test set."""
     rank, world = distributed()
-    if is_main_process():
-        prepare_data(cfg)
-    _barrier()
+    _prepare(cfg)
     device = resolve_device(cfg.device)
     return data_utils.get_cifar_loaders(
         cfg.dataset,
@@ -897,10 +978,16 @@ def train(
     result's ``config`` is the resolved one, as saved in the run folder.
     """
     cfg = resolve_recipe(cfg)
+    _prepare(cfg)  # the data is part of the run's identity
     run_dir = run_dir_for(cfg)
-    done = finished_run(run_dir, cfg)
-    if done is not None:
-        return done
+    with run_lock(run_dir):  # the same run started twice: the second waits, then reuses the first's result
+        done = finished_run(run_dir, cfg)
+        if done is not None:
+            return done
+        return _train(cfg, run_dir, make_task, wrap_loader, make_student)
+
+
+def _train(cfg, run_dir, make_task, wrap_loader, make_student) -> RunResult:
     with thread_count(cfg.threads):
         loaders = make_loaders(cfg)  # draws from its own generators, not the model seed
         loaders.train.with_index = METHODS.get(cfg.method).needs_index
@@ -931,12 +1018,20 @@ def print_result(result: RunResult) -> None:
     print(pd.DataFrame([summarize(result.history)]).round(2).to_string(index=False))
 
 
+# The library's own errors: on the command line they are usage errors (a message, exit 2), not tracebacks.
+USAGE_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, FloatingPointError)
+
+
 def main(argv=None) -> RunResult:
     parser = build_parser("Train a teacher or an independent (cross-entropy) student.")
-    cfg = config_from_args(parser.parse_args(argv))
-    if METHODS.get(cfg.method).build is not None or METHODS.get(cfg.method).run is not None:
-        parser.error(f"train_eval.py trains with cross-entropy only; use train_kd.py for --method {cfg.method}")
-    result = train(cfg)
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        if METHODS.get(cfg.method).build is not None or METHODS.get(cfg.method).run is not None:
+            parser.error(f"train_eval.py trains with cross-entropy only; use train_kd.py for --method {cfg.method}")
+        result = train(cfg)
+    except USAGE_ERRORS as err:
+        parser.error(str(err))
     print_result(result)
     return result
 

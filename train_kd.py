@@ -31,6 +31,7 @@ from model import count_flops, count_params, create_model, load_checkpoint
 from teacher_cache import use_teacher_cache
 from train_eval import (
     METHODS,
+    USAGE_ERRORS,
     Config,
     RunResult,
     Vanilla,
@@ -41,6 +42,7 @@ from train_eval import (
     check_config,
     config_from_args,
     distributed,
+    evaluate,
     is_main_process,
     make_config,
     make_loaders,
@@ -50,6 +52,7 @@ from train_eval import (
     resolve_device,
     resolve_recipe,
     run_dir_for,
+    run_identity,
     run_name,
     train,
 )
@@ -311,6 +314,12 @@ def load_teacher(path: str, cfg: Config) -> nn.Module:
     num_classes = data_utils.DATASETS[cfg.dataset].num_classes
     if teacher.num_classes != num_classes:
         raise ValueError(f"teacher at {path} has {teacher.num_classes} classes but {cfg.dataset} has {num_classes}")
+    planned = (ckpt.get("config") or {}).get("epochs")
+    if planned and ckpt.get("epoch") is not None and ckpt["epoch"] < planned and not cfg.trust_teacher:
+        raise ValueError(
+            f"the teacher at {path} stopped at epoch {ckpt['epoch']} of {planned}: finish it (rerun its command; "
+            "it resumes) or pass --trust-teacher to distil from it as it is"
+        )
     return teacher
 
 
@@ -348,6 +357,35 @@ def loss_methods() -> list[str]:
     return [name for name in METHODS.names() if METHODS[name].build is not None]
 
 
+def verify_teacher(cfg: Config) -> dict:
+    """The teacher's validation and test accuracy, measured the first time it is used on this data
+    (``<out_dir>/teacher_checks/<teacher>-<data>.json``), printed, and refused at chance level
+    unless ``cfg.trust_teacher``."""
+    ident = run_identity(cfg)
+    path = os.path.join(cfg.out_dir, "teacher_checks", f"{ident['teacher']}-{ident.get('data', 'nodata')}.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            check = json.load(f)
+    else:
+        teacher = load_teacher(cfg.teacher, cfg)
+        loaders = make_loaders(cfg)
+        check = {"teacher": cfg.teacher, "test_top1": evaluate(teacher, loaders.test)["top1"]}
+        if loaders.val is not None:
+            check["val_top1"] = evaluate(teacher, loaders.val)["top1"]
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write_text(path, json.dumps(check, indent=2))
+        if is_main_process():
+            shown = ", ".join(f"{k} {v:.2f}%" for k, v in check.items() if k != "teacher")
+            print(f"teacher {cfg.teacher}: {shown}")
+    chance = 100 / data_utils.DATASETS[cfg.dataset].num_classes
+    if check["test_top1"] < 2 * chance and not cfg.trust_teacher:
+        raise ValueError(
+            f"the teacher at {cfg.teacher} scores {check['test_top1']:.2f}% on the test set, near chance "
+            f"({chance:.0f}%): is it the right file, trained on this data set? Pass --trust-teacher to use it anyway"
+        )
+    return check
+
+
 def distill(cfg: Config) -> RunResult:
     """Train (or reuse) the run ``cfg`` describes: a student distilled with ``cfg.method``, or any
     registered method through its own run function (``ce``: plain training; ``dml``: a cohort)."""
@@ -357,6 +395,7 @@ def distill(cfg: Config) -> RunResult:
     if method.build is None:
         return method.run(cfg)
     check_method_inputs(cfg)
+    verify_teacher(cfg)
     return train(cfg, make_task=build_distiller, wrap_loader=use_teacher_cache if cfg.teacher_cache else None)
 
 
@@ -777,9 +816,9 @@ def main(argv=None):
             seeds = parse_seeds(seeds) if seeds else range(cfg.n_seeds)
             return _main_sweep(cfg, parse_grid(grid), seeds, jobs if jobs == "auto" else int(jobs))
         check_method_inputs(cfg)
-    except (ValueError, TypeError, KeyError) as err:
+        result = distill(cfg)
+    except USAGE_ERRORS as err:
         parser.error(str(err))
-    result = distill(cfg)
     print_result(result)
     return result
 

@@ -14,7 +14,7 @@ from data_utils import CifarLoader, apply_views, get_cifar10_loaders, get_cifar1
 def test_cifar10_layout_round_trip(synthetic_dir):
     folder = os.path.join(synthetic_dir, "cifar-10-batches-py")
     expected = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
-    assert sorted(os.listdir(folder)) == sorted(expected)
+    assert sorted(os.listdir(folder)) == sorted([*expected, data_utils.GENERATED_MARK])
     with open(os.path.join(folder, "data_batch_1"), "rb") as f:
         batch = pickle.load(f, encoding="latin1")
     assert batch["data"].dtype.name == "uint8" and batch["data"].shape[1] == 3072
@@ -29,7 +29,7 @@ def test_cifar10_layout_round_trip(synthetic_dir):
 
 def test_cifar100_layout_round_trip(synthetic_dir):
     folder = os.path.join(synthetic_dir, "cifar-100-python")
-    assert sorted(os.listdir(folder)) == ["meta", "test", "train"]
+    assert sorted(os.listdir(folder)) == sorted(["meta", "test", "train", data_utils.GENERATED_MARK])
     with open(os.path.join(folder, "train"), "rb") as f:
         train = pickle.load(f, encoding="latin1")
     assert {"data", "fine_labels", "coarse_labels", "filenames"} <= set(train)

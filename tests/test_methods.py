@@ -3,7 +3,6 @@ the losses pinned to values computed by hand from their papers' equations: DKD, 
 PKT, FitNets hints."""
 
 import math
-import os
 from functools import partial
 
 import pandas as pd
@@ -15,7 +14,7 @@ from torch import nn
 import data_utils
 import train_eval
 from feature_kd import ATLoss, CRDLoss, HintLoss, PKTLoss, RKDLoss, SPLoss, nce_loss
-from model import create_model
+from model import create_model, read_checkpoint
 from train_eval import METHODS, load_history, make_config, run_identity
 from train_kd import Distiller, DKDLoss, distill, dkd_terms, kd_loss
 
@@ -260,7 +259,7 @@ def test_interrupted_crd_run_resumes_bit_identically(smoke_cfg, smoke_teacher, t
     pd.testing.assert_frame_equal(straight.history.drop(columns=timing), resumed.history.drop(columns=timing))
     for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
-    bank = torch.load(os.path.join(resumed.run_dir, "checkpoint.pt"), weights_only=False)["train_state"]["task"]
+    bank = read_checkpoint(resumed.run_dir)["train_state"]["task"]
     assert bank["loss.feature.memory_s"].shape == (1000, 128)
 
 
