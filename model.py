@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import hashlib
 import os
 import pickle
 import tempfile
@@ -233,6 +234,15 @@ def resolve_checkpoint(path: str) -> str:
             "or a .pt file written by save_checkpoint"
         )
     return candidate
+
+
+def state_digest(state: dict) -> str:
+    """Content hash of a state dict (names and tensor bytes): what identifies a teacher's weights."""
+    digest = hashlib.sha1()
+    for name, tensor in sorted(state.items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def read_checkpoint(path: str, map_location="cpu") -> dict:

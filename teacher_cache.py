@@ -18,17 +18,13 @@ import pickle
 import torch
 from torch import nn
 
-from model import atomic_save
+from model import atomic_save, state_digest
 from train_eval import amp_enabled, resolve_device
 
 
 def weights_digest(model: nn.Module) -> str:
     """Content hash of a model's weights and buffers: the teacher part of a cache key."""
-    digest = hashlib.sha1()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return state_digest(model.state_dict())
 
 
 class CachedTeacherLoader:

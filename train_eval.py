@@ -44,6 +44,7 @@ from model import (
     remove_stale_temporaries,
     resolve_checkpoint,
     save_checkpoint,
+    state_digest,
 )
 
 
@@ -492,12 +493,7 @@ def teacher_digest(path: str) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _weights_digest(file: str, size: int, mtime_ns: int) -> str:
-    state = read_checkpoint(file).get("model") or {}
-    digest = hashlib.sha1()
-    for name, tensor in sorted(state.items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return state_digest(read_checkpoint(file).get("model") or {})[:16]
 
 
 def run_name(cfg: Config) -> str:
