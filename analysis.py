@@ -7,8 +7,10 @@ numbers; nothing imports the training code, so results can be analysed without t
     summarize(history)               last epoch, and the epoch picked on validation, of one run
     mean_std_table({"kd": runs})     one row per group: n, mean ± 95% CI half-width, std
     compare(kd_runs, ce_runs)        paired by seed: mean difference, 95% CI, p (paired t-test)
-    top1_agreement, per_sample_kl, spearman_rows, expected_calibration_error, conflict_analysis,
-    linear_cka, pairwise_disagreement, group_metrics, r_squared      from logits / features
+    cell_table(sweep_df, ["T"])      a sweep's cells: mean and 95% CI per cell, the pick flagged
+    output_stats, reliability_bins, top1_agreement, per_sample_kl, spearman_rows,
+    expected_calibration_error, conflict_analysis, linear_cka, pairwise_disagreement,
+    group_metrics, r_squared         from logits / features
 
 Every choice (an epoch, a cell of a sweep) is made on the validation columns (``val_*``); test
 accuracy is read at the chosen point only. Runs without a validation split (``val_size=0``,
@@ -153,6 +155,38 @@ def compare(a, b, metric: str = "last_top1") -> Paired:
     return Paired(len(seeds), float(xa.mean()), float(xb.mean()), float(d.mean()), float(lo), float(hi), p, seeds)
 
 
+def cell_table(df: pd.DataFrame, keys: Sequence[str], columns=("val_top1", "test_top1")) -> pd.DataFrame:
+    """A sweep's cells (one row each, ``keys`` as the index): n, and each column's mean and 95% CI half-width
+    over seeds; the cell picked on validation (``best``) is flagged."""
+    groups = df.groupby(list(keys))
+    table = groups.size().to_frame("n")
+    for col in columns:
+        table[col] = groups[col].mean()
+        table[f"{col}_ci95"] = groups[col].agg(ci95)
+    if "best" in df:
+        table["picked"] = groups["best"].any().map({True: "← picked", False: ""})
+    return table
+
+
+def compare_columns(df: pd.DataFrame, by: str, baseline: str, columns: Sequence[str]) -> pd.DataFrame:
+    """Per-seed measurements (one row per ``by`` group and ``seed``) compared with the ``baseline``
+    group, paired by seed: one row per (group, column) with n, the mean difference, its 95% CI and p."""
+
+    def values(group, col):
+        rows = df[df[by] == group]
+        return dict(zip(rows["seed"], rows[col], strict=True))
+
+    out = {}
+    for group in dict.fromkeys(df[by]):
+        if group == baseline:
+            continue
+        for col in columns:
+            c = compare(values(group, col), values(baseline, col))
+            out[(group, col)] = {"n": c.n, "diff": c.diff, "ci_low": c.ci_low, "ci_high": c.ci_high, "p": c.p}
+            out[(group, col)]["verdict"] = "within noise" if c.within_noise else ("higher" if c.diff > 0 else "lower")
+    return pd.DataFrame.from_dict(out, orient="index")
+
+
 def compare_table(groups: Mapping[str, Sequence], baseline: str, metric: str = "last_top1") -> pd.DataFrame:
     """Each group against ``baseline``, paired by seed: one row of ``compare`` per group."""
     rows = {}
@@ -220,6 +254,47 @@ def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, n_bin
     count = torch.bincount(bins, minlength=n_bins).float()
     gap = torch.bincount(bins, weights=correct - conf, minlength=n_bins).abs()  # |Σ (acc - conf)| per bin
     return 100 * (gap.sum() / count.sum()).item()
+
+
+def reliability_bins(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> pd.DataFrame:
+    """The reliability diagram's data: per equal-width confidence bin, its mean confidence, its
+    accuracy (%) and its sample count (empty bins left out); ``expected_calibration_error`` is the
+    count-weighted mean |accuracy - confidence| of these rows."""
+    conf, pred = logits.float().softmax(1).max(1)
+    correct = (pred == labels).float()
+    bins = (conf * n_bins).long().clamp(max=n_bins - 1)  # (N,)
+    count = torch.bincount(bins, minlength=n_bins).double()
+    mean_conf = torch.bincount(bins, weights=conf.double(), minlength=n_bins) / count.clamp(min=1)
+    accuracy = torch.bincount(bins, weights=correct.double(), minlength=n_bins) / count.clamp(min=1)
+    table = pd.DataFrame(
+        {
+            "bin_low": np.arange(n_bins) / n_bins,
+            "confidence": 100 * mean_conf.numpy(),
+            "accuracy": 100 * accuracy.numpy(),
+            "count": count.numpy().astype(int),
+        }
+    )
+    return table[table["count"] > 0].reset_index(drop=True)
+
+
+def output_stats(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> dict:
+    """One model's test outputs in numbers: top-1 (%), NLL, mean confidence (%), ECE (%), and, given
+    the teacher's logits, top-1 agreement with it (%) and the mean and median KL(teacher ‖ model) at T = 1."""
+    conf = logits.float().softmax(1).max(1).values
+    out = {
+        "top1": 100 * (logits.argmax(1) == labels).float().mean().item(),
+        "nll": F.cross_entropy(logits.float(), labels).item(),
+        "confidence": 100 * conf.mean().item(),
+        "ece": expected_calibration_error(logits, labels),
+    }
+    if teacher_logits is not None:
+        kl = per_sample_kl(logits, teacher_logits)
+        out |= {
+            "agreement": top1_agreement(logits, teacher_logits),
+            "kl_mean": kl.mean().item(),
+            "kl_median": kl.median().item(),
+        }
+    return out
 
 
 def conflict_analysis(teacher: torch.Tensor, kd: torch.Tensor, independent: torch.Tensor, standardized) -> dict:

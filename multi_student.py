@@ -31,6 +31,7 @@ from model import Ensemble, Specialists, count_flops, count_params, create_model
 from teacher_cache import use_teacher_cache
 from train_eval import (
     METHODS,
+    USAGE_ERRORS,
     Config,
     RunResult,
     build_parser,
@@ -300,6 +301,11 @@ def build_specialists(cfg: Config) -> Specialists:
     """``cfg.members`` specialists for the teacher's embedding (stage 1: head = the teacher's
     classifier, members trainable; stage 2, method "specialists": members frozen, from stage 1)."""
     teacher = load_teacher(cfg.teacher, cfg)
+    if not isinstance(teacher.classifier, nn.Linear):
+        raise ValueError(
+            f"specialists reuse the teacher's linear head on their concatenated outputs, but the teacher at "
+            f"{cfg.teacher} has an MLP head (torchvision layout): use a teacher with a linear head (vgg8 ... vgg19)"
+        )
     slices = partition(teacher.embed_dim, cfg.members)
     frozen = cfg.method == "specialists"
     group = create_model(
@@ -357,6 +363,17 @@ def budget_width(cfg: Config, k: int, method: str = "ensemble") -> float:
 GROUP_METHODS = ("ensemble", "dml", "dml+kd", "specialists")
 
 
+def run_group(cfg: Config, group: str, head_epochs: int = 10) -> dict:
+    """Train (or reuse) the group ``group`` and return its test metrics (``evaluate_group``)."""
+    if group == "ensemble":  # members trained separately with --method (ce: independent, kd: distilled)
+        models = [r.model for r in train_ensemble(cfg, cfg.members)]
+    elif group == "specialists":
+        models = [train_specialists(cfg, head_epochs)[1].model]
+    else:
+        models = mutual_learning(replace(cfg, method=group)).model
+    return evaluate_group(models, make_loaders(cfg).test)
+
+
 def main(argv=None) -> dict:
     parser = build_parser(
         "Train several students: an ensemble of distilled students, a mutual-learning cohort, or "
@@ -374,19 +391,16 @@ def main(argv=None) -> dict:
     group, head_epochs = args.group, args.head_epochs
     del args.group, args.head_epochs
     width_given = hasattr(args, "width")
-    cfg = config_from_args(args)
-    method = cfg.method if group == "ensemble" else {"specialists": "partition"}.get(group, group)
-    if METHODS.get(method).needs_teacher and not cfg.teacher:
-        parser.error(f"--group {group} (method {cfg.method}) needs --teacher RUN_OR_CHECKPOINT")
-    if cfg.budget and not width_given:
-        cfg = replace(cfg, width=budget_width(cfg, cfg.members, group))
-    if group == "ensemble":  # members trained separately with --method (ce: independent, kd: distilled)
-        models = [r.model for r in train_ensemble(cfg, cfg.members)]
-    elif group == "specialists":
-        models = [train_specialists(cfg, head_epochs)[1].model]
-    else:
-        models = mutual_learning(replace(cfg, method=group)).model
-    out = evaluate_group(models, make_loaders(cfg).test)
+    try:
+        cfg = config_from_args(args)
+        method = cfg.method if group == "ensemble" else {"specialists": "partition"}.get(group, group)
+        if METHODS.get(method).needs_teacher and not cfg.teacher:
+            parser.error(f"--group {group} (method {cfg.method}) needs --teacher RUN_OR_CHECKPOINT")
+        if cfg.budget and not width_given:
+            cfg = replace(cfg, width=budget_width(cfg, cfg.members, group))
+        out = run_group(cfg, group, head_epochs)
+    except USAGE_ERRORS as err:
+        parser.error(str(err))
     if is_main_process():
         shown = {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
         print(f"{group}: {cfg.members} x {cfg.model} x{cfg.width:g}", shown)

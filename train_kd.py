@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import data_utils
-from analysis import compare, plot_seeds, summarize, summarize_seeds
+from analysis import cell_table, compare, plot_seeds, summarize, summarize_seeds
 from model import count_flops, count_params, create_model, load_checkpoint
 from teacher_cache import use_teacher_cache
 from train_eval import (
@@ -532,6 +532,20 @@ def run_many(configs: list[Config], jobs: int | str = "auto", run=None, desc: st
     return out
 
 
+def run_all(configs: list[Config], jobs: int | str = "auto", desc: str = "runs") -> list[RunResult]:
+    """``run_many``, then every result read back (``RunResult``, in order); raises if a run failed."""
+    done = run_many(configs, jobs=jobs, desc=desc)
+    failed = [f"{run_name(c)}: {d['error']}" for c, d in zip(configs, done, strict=True) if "error" in d]
+    if failed:
+        raise RuntimeError(f"{len(failed)} runs failed (rerun to redo only those):\n  " + "\n  ".join(failed))
+    return [distill(c) for c in configs]  # finished: read back, not retrained
+
+
+def run_seeds(cfg: Config, seeds, jobs: int | str = "auto") -> list[RunResult]:
+    """``cfg`` once per seed (model and data-stream seed together, so groups pair by seed), in parallel."""
+    return run_all([replace(cfg, seed=s, data_seed=s) for s in seeds], jobs, desc=f"{cfg.method} x{len(seeds)}")
+
+
 def _guarded(run, cfg: Config) -> dict:
     try:
         return _run_in_worker(run, cfg)
@@ -699,9 +713,10 @@ class Experiment:
     """What a notebook starts from: its config, seeds, trained teacher and figure folder."""
 
     cfg: Config
-    seeds: range
+    seeds: range  # sweeps and exploratory groups: 3 (1 in smoke)
     teacher: RunResult
     figures: str
+    confirm_seeds: range = range(5)  # picked configurations and differences under 2 points: 5 (2 in smoke)
 
 
 def setup_experiment(name: str, profile: str = "cpu", data_dir: str = "./data", out_dir: str = "runs") -> Experiment:
@@ -717,7 +732,7 @@ def setup_experiment(name: str, profile: str = "cpu", data_dir: str = "./data", 
         f"{cfg.teacher_model} x{cfg.teacher_width:g} ({teacher.history['test_top1'].iloc[-1]:.2f}% test top-1); "
         f"students {cfg.model} x{cfg.width:g}, {cfg.epochs} epochs, {cfg.subset or 'all'} images per class"
     )
-    return Experiment(cfg, range(cfg.n_seeds), teacher, figures)
+    return Experiment(cfg, range(cfg.n_seeds), teacher, figures, range(max(5, cfg.n_seeds) if cfg.n_seeds > 1 else 2))
 
 
 def _row(role: str, results: list[RunResult]) -> dict:
@@ -763,11 +778,7 @@ def run_demo(cfg: Config) -> pd.DataFrame:
     configs = [replace(cfg, method="ce", teacher="", seed=s, data_seed=s) for s in seeds]
     configs += [replace(cfg, method="kd", teacher=teacher.run_dir, seed=s, data_seed=s) for s in seeds]
     jobs = "auto" if distributed()[1] == 1 else 1  # under torchrun every rank trains each run together
-    done = run_many(configs, jobs=jobs, desc="students")
-    failed = [f"{run_name(c)}: {d['error']}" for c, d in zip(configs, done, strict=True) if "error" in d]
-    if failed:
-        raise RuntimeError("demo runs failed:\n  " + "\n  ".join(failed))
-    results = [distill(c) for c in configs]  # finished: read back, not retrained
+    results = run_all(configs, jobs=jobs, desc="students")
     independent, kd = results[: len(seeds)], results[len(seeds) :]
     table = pd.DataFrame([_row("teacher", [teacher]), _row("independent", independent), _row("kd", kd)])
     table.attrs["kd_vs_independent"] = compare(kd, independent) if len(seeds) > 1 else None
@@ -796,7 +807,7 @@ def _add_cli_options(parser) -> None:
         default=None,
         help="train every combination, e.g. --sweep T=1,2,4 kd_weight=1,3,9 (with --seeds, --jobs)",
     )
-    parser.add_argument("--seeds", default=None, help="sweep seeds: 0-2 or 0,3,5 (default: 0 to n_seeds-1)")
+    parser.add_argument("--seeds", default=None, help="seeds, alone or with --sweep: 0-2 or 0,3,5")
     parser.add_argument("--jobs", default="auto", help="sweep worker processes (default auto: cores // threads)")
 
 
@@ -812,9 +823,10 @@ def main(argv=None):
         cfg = config_from_args(args)
         if demo:
             return _main_demo(cfg)
-        if grid:
+        if grid or seeds:  # --seeds alone: the one configuration over those seeds
+            grid = parse_grid(grid) if grid else {"method": [cfg.method]}
             seeds = parse_seeds(seeds) if seeds else range(cfg.n_seeds)
-            return _main_sweep(cfg, parse_grid(grid), seeds, jobs if jobs == "auto" else int(jobs))
+            return _main_sweep(cfg, grid, seeds, jobs if jobs == "auto" else int(jobs))
         check_method_inputs(cfg)
         result = distill(cfg)
     except USAGE_ERRORS as err:
@@ -838,9 +850,8 @@ def _main_demo(cfg: Config) -> pd.DataFrame:
 def _main_sweep(cfg: Config, grid: dict, seeds, jobs) -> pd.DataFrame:
     df = sweep(cfg, grid, seeds=seeds, jobs=jobs)
     keys = list(grid)
-    cells = df.groupby(keys)[["val_top1", "test_top1"]].agg(["mean", "std", "count"])
     print(f"\nsweep: {len(df)} runs, table: {df.attrs['path']}")
-    print(cells.round(2).to_string())
+    print(cell_table(df, keys).round(2).to_string())
     best = df[df["best"]]
     print(
         f"\npicked on validation: {df.attrs['best']} — val top-1 {best['val_top1'].mean():.2f}, "

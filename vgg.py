@@ -11,6 +11,10 @@ the CIFAR layout of Tian et al., "Contrastive Representation Distillation", ICLR
     feats["stages"]   # 5 post-ReLU stage outputs, (B, C_i, H_i, W_i)
     feats["preact"]   # the same before their last ReLU
     feats["pooled"]   # (B, C_5) embedding fed to the head
+
+``tv_vgg`` builds the same stages in torchvision's layout, as chenyaofo/pytorch-cifar-models trains
+its ``cifar10/100_vgg*_bn``: a max-pool after all five stages (32 -> 1) and a 512-512-K head
+with ReLU and dropout; ``model.py`` registers them as ``vgg11_tv`` ... ``vgg19_tv``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ STAGES: dict[str, list[list[int]]] = {
     "vgg19": [[64, 64], [128, 128], [256, 256, 256, 256], [512, 512, 512, 512], [512, 512, 512, 512]],
 }
 POOL_AFTER = (0, 1, 2)  # on 32x32 inputs a fourth pool would leave 2x2 maps
+TV_POOL_AFTER = (0, 1, 2, 3, 4)  # torchvision's layout pools after every stage: 1x1 maps at the end
 
 
 def scale_width(channels: int, width: float) -> int:
@@ -42,13 +47,34 @@ def make_stage(c_in: int, widths: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers[:-1])
 
 
+def mlp_head(c_in: int, hidden: int, num_classes: int) -> nn.Sequential:
+    """torchvision's VGG classifier (Linear-ReLU-Dropout twice, then Linear), at CIFAR size."""
+    return nn.Sequential(
+        nn.Linear(c_in, hidden),
+        nn.ReLU(True),
+        nn.Dropout(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(True),
+        nn.Dropout(),
+        nn.Linear(hidden, num_classes),
+    )
+
+
 class VGG(nn.Module):
-    def __init__(self, stages: list[list[int]], num_classes: int = 100, width: float = 1.0):
+    def __init__(
+        self,
+        stages: list[list[int]],
+        num_classes: int = 100,
+        width: float = 1.0,
+        pool_after: tuple[int, ...] = POOL_AFTER,
+        mlp: bool = False,
+    ):
         super().__init__()
         widths = [[scale_width(c, width) for c in stage] for stage in stages]
         self.stage_channels = [stage[-1] for stage in widths]
-        # input size / feature-map size of each stage: 32x32 inputs give 32, 16, 8, 4, 4
-        self.stage_strides = [2 ** min(i, len(POOL_AFTER)) for i in range(len(widths))]
+        self.pool_after = pool_after
+        # input size / feature-map size of each stage: 32x32 inputs give 32, 16, 8, 4, 4 (torchvision: ..., 2)
+        self.stage_strides = [2 ** sum(p < i for p in pool_after) for i in range(len(widths))]
         self.embed_dim = self.stage_channels[-1]
         self.num_classes = num_classes
         c_in = 3
@@ -58,7 +84,10 @@ class VGG(nn.Module):
             c_in = stage[-1]
         self.stages = nn.ModuleList(blocks)
         self.pool = nn.MaxPool2d(2)
-        self.classifier = nn.Linear(self.embed_dim, num_classes)
+        if mlp:
+            self.classifier = mlp_head(self.embed_dim, scale_width(512, width), num_classes)
+        else:
+            self.classifier = nn.Linear(self.embed_dim, num_classes)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -80,9 +109,9 @@ class VGG(nn.Module):
             preact.append(x)
             x = F.relu(x)  # not in place: the pre-activation above must survive
             stages.append(x)
-            if i in POOL_AFTER:
+            if i in self.pool_after:
                 x = self.pool(x)
-        pooled = F.adaptive_avg_pool2d(x, 1).flatten(1)  # (B, C_5)
+        pooled = F.adaptive_avg_pool2d(x, 1).flatten(1)  # (B, C_5); torchvision layout: the 1x1 map itself
         logits = self.classifier(pooled)  # (B, num_classes)
         if not features:
             return logits
@@ -116,3 +145,9 @@ def vgg16(num_classes: int = 100, width: float = 1.0) -> VGG:
 def vgg19(num_classes: int = 100, width: float = 1.0) -> VGG:
     """VGG-19 with batch norm (16 convs)."""
     return _vgg("vgg19", num_classes, width)
+
+
+def tv_vgg(name: str, num_classes: int = 100, width: float = 1.0) -> VGG:
+    """``name``'s stages in torchvision's layout (five pools, MLP head), e.g. ``tv_vgg("vgg16")`` is the
+    network of chenyaofo/pytorch-cifar-models' ``cifar100_vgg16_bn``."""
+    return VGG(STAGES[name], num_classes=num_classes, width=width, pool_after=TV_POOL_AFTER, mlp=True)

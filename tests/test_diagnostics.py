@@ -2,6 +2,7 @@
 
 import math
 
+import pandas as pd
 import pytest
 import torch
 from scipy import stats
@@ -99,3 +100,32 @@ def test_conflict_analysis_counts_by_hand():
     out = conflict_analysis(teacher, kd, independent, standardized)
     assert out["conflicts"] == 1 and out["mask"].tolist() == [True, False, False] and out["corrected"] == 1
     assert conflict_analysis(teacher, kd, independent, kd)["corrected"] == 0
+
+
+def test_reliability_bins_and_output_stats_by_hand():
+    from analysis import output_stats, reliability_bins
+
+    p = torch.tensor([[0.95, 0.05], [0.95, 0.05], [0.35, 0.65], [0.45, 0.55]])
+    logits, labels = p.log(), torch.tensor([0, 1, 1, 1])  # right, wrong, right, right
+    table = reliability_bins(logits, labels, n_bins=10)
+    assert table["bin_low"].tolist() == pytest.approx([0.5, 0.6, 0.9])
+    assert table["confidence"].tolist() == pytest.approx([55, 65, 95], abs=1e-4)
+    assert table["accuracy"].tolist() == [100, 100, 50] and table["count"].tolist() == [1, 1, 2]
+    ece = (abs(100 - 55) + abs(100 - 65) + 2 * abs(50 - 95)) / 4  # 42.5
+    assert expected_calibration_error(logits, labels, n_bins=10) == pytest.approx(ece, abs=1e-4)
+    out = output_stats(logits, labels, teacher_logits=logits)
+    assert out["top1"] == 75 and out["confidence"] == pytest.approx((95 + 95 + 65 + 55) / 4, abs=1e-4)
+    assert out["nll"] == pytest.approx(-(math.log(0.95) + math.log(0.05) + math.log(0.65) + math.log(0.55)) / 4)
+    assert out["agreement"] == 100 and out["kl_mean"] == pytest.approx(0, abs=1e-6)
+
+
+def test_cell_table_means_cis_and_the_pick():
+    from analysis import cell_table
+
+    df = pd.DataFrame(
+        {"T": [1, 1, 4, 4], "val_top1": [60.0, 62.0, 70.0, 71.0], "test_top1": [59.0, 61.0, 69.0, 72.0]}
+    ).assign(best=lambda d: d["T"] == 4)
+    table = cell_table(df, ["T"])
+    assert table.loc[4, "n"] == 2 and table.loc[4, "val_top1"] == 70.5 and table.loc[1, "test_top1"] == 60
+    assert table.loc[1, "val_top1_ci95"] == pytest.approx(stats.t.ppf(0.975, 1) * math.sqrt(2) / math.sqrt(2))
+    assert table.loc[4, "picked"] == "← picked" and table.loc[1, "picked"] == ""

@@ -7,20 +7,22 @@ import vgg
 from model import count_flops, count_params, create_model, list_models
 
 SPATIAL = [32, 16, 8, 4, 4]  # max-pool after the first three stages
+SPATIAL_TV = [32, 16, 8, 4, 2]  # torchvision layout: max-pool after every stage
 
 
 @pytest.mark.parametrize("name", list_models())
 @pytest.mark.parametrize("num_classes", [10, 100])
 def test_output_and_feature_shapes(name, num_classes):
     torch.manual_seed(0)
-    model = create_model(name, num_classes=num_classes, width=0.25)
+    model = create_model(name, num_classes=num_classes, width=0.25).eval()  # eval: the MLP heads' dropout
     x = torch.randn(3, 3, 32, 32)
     logits, feats = model(x, features=True)
     assert logits.shape == (3, num_classes)
     assert torch.isfinite(logits).all()
     assert torch.equal(model(x), logits)
     assert len(feats["stages"]) == len(model.stage_channels) == 5
-    for f, p, c, s in zip(feats["stages"], feats["preact"], model.stage_channels, SPATIAL, strict=True):
+    spatial = SPATIAL_TV if name.endswith("_tv") else SPATIAL
+    for f, p, c, s in zip(feats["stages"], feats["preact"], model.stage_channels, spatial, strict=True):
         assert f.shape == p.shape == (3, c, s, s)
         assert torch.equal(f, p.relu())
         assert (p < 0).any(), "pre-activation features must keep their negative part"

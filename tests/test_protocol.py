@@ -275,3 +275,10 @@ def test_kd_ls_with_distill_resolves_before_naming(smoke_cfg):
     teacher = train(smoke_cfg(model="vgg11", epochs=1))
     cfg = smoke_cfg(method="kd_ls", teacher=teacher.run_dir, epochs=1)
     assert distill(cfg).run_dir == run_dir_for(cfg) == run_dir_for(resolve_recipe(cfg))
+
+
+def test_seeds_alone_run_the_one_configuration_over_those_seeds(synthetic_dir, tmp_path, smoke_teacher, capsys):
+    args = ["--profile", "smoke", "--data-dir", synthetic_dir, "--out-dir", str(tmp_path), "--epochs", "1"]
+    df = train_kd.main([*args, "--teacher", smoke_teacher.run_dir, "--seeds", "0,1", "--jobs", "1"])
+    assert sorted(df["seed"]) == [0, 1] and (df["method"] == "kd").all()
+    assert df["run_dir"].nunique() == 2 and "picked on validation" in capsys.readouterr().out
