@@ -8,8 +8,8 @@ numbers; nothing imports the training code, so results can be analysed without t
     mean_std_table({"kd": runs})     one row per group: n, mean ± 95% CI half-width, std
     compare(kd_runs, ce_runs)        paired by seed: mean difference, 95% CI, p (paired t-test)
     cell_table(sweep_df, ["T"])      a sweep's cells: mean and 95% CI per cell, the pick flagged
-    output_stats, reliability_bins, top1_agreement, per_sample_kl, spearman_rows,
-    expected_calibration_error, conflict_analysis, linear_cka, pairwise_disagreement,
+    output_stats, reliability_bins, logit_relation, logit_conflicts, top1_agreement, per_sample_kl,
+    spearman_rows, expected_calibration_error, conflict_analysis, linear_cka, pairwise_disagreement,
     group_metrics, r_squared         from logits / features
 
 Every choice (an epoch, a cell of a sweep) is made on the validation columns (``val_*``); test
@@ -294,6 +294,47 @@ def output_stats(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: tor
             "kl_mean": kl.mean().item(),
             "kl_median": kl.median().item(),
         }
+    return out
+
+
+def _zscore(logits: torch.Tensor) -> torch.Tensor:
+    z = logits.double()
+    return (z - z.mean(1, keepdim=True)) / (z.std(1, keepdim=True) + 1e-7)  # (N, K), as Sun et al.
+
+
+def logit_relation(logits: torch.Tensor, teacher_logits: torch.Tensor) -> dict:
+    """How a model's logits relate to the teacher's, beyond the top-1: mean KL(teacher ‖ model) on raw
+    and on standardised (per-sample z-scored) logits at T = 1, mean Spearman ρ of the logit vectors, and
+    the mean per-sample std of the model's logits (its scale)."""
+    return {
+        "kl_raw": per_sample_kl(logits, teacher_logits).mean().item(),
+        "kl_standardised": per_sample_kl(_zscore(logits), _zscore(teacher_logits)).mean().item(),
+        "spearman": spearman_rows(logits, teacher_logits).nanmean().item(),
+        "logit_std": logits.float().std(1).mean().item(),
+    }
+
+
+def logit_conflicts(teacher, kd, independent, labels, standardized=None, T: float = 3.0) -> dict:
+    """Samples where matching the teacher's logits misleads, as the seed notebook defines them.
+
+    A conflict: the KD student is closer to the teacher than the independent student,
+    KL_T(p_t ‖ p_kd) < KL_T(p_t ‖ p_ind), yet predicts a class that neither the teacher nor the label
+    supports, while the independent student matches the teacher or the label. ``reversed`` are the
+    conflicts on which the standardised KL (z-scored logits, same T) ranks the independent student
+    closer: the ranking logit standardisation would have corrected. Given a trained standardised
+    student's logits, ``agreement`` is its top-1 agreement (%) with the teacher on the conflicts.
+    All arguments (N, K) logits on one split, ``labels`` (N,).
+    """
+    t_pred, kd_pred, ind_pred = teacher.argmax(1), kd.argmax(1), independent.argmax(1)
+    closer = per_sample_kl(kd, teacher, T) < per_sample_kl(independent, teacher, T)
+    unsupported = (kd_pred != t_pred) & (kd_pred != labels)
+    mask = closer & unsupported & ((ind_pred == t_pred) | (ind_pred == labels))  # (N,)
+    zt = _zscore(teacher)
+    flipped = per_sample_kl(_zscore(kd), zt, T) > per_sample_kl(_zscore(independent), zt, T)
+    out = {"samples": len(labels), "conflicts": int(mask.sum()), "reversed": int((mask & flipped).sum()), "mask": mask}
+    if standardized is not None:
+        agree = standardized.argmax(1)[mask] == t_pred[mask]
+        out["agreement"] = 100 * agree.float().mean().item() if mask.any() else math.nan
     return out
 
 

@@ -196,11 +196,13 @@ class Cohort(nn.Module):
 
     needs_features = False
 
-    def __init__(self, group: Ensemble, loss: MutualLearningLoss, teacher: nn.Module | None = None):
+    def __init__(
+        self, group: Ensemble, loss: MutualLearningLoss, teacher: nn.Module | None = None, teacher_bf16: bool = False
+    ):
         super().__init__()
         self.student = group
         self.loss = loss
-        self.teacher = FrozenTeacher(teacher) if teacher is not None else None
+        self.teacher = FrozenTeacher(teacher, bf16=teacher_bf16) if teacher is not None else None
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None = None, **_):
         z = self.student.member_logits(x)  # (M, B, K)
@@ -221,10 +223,12 @@ class PartitionRegression(nn.Module):
     decision the regressed embedding carries. Each epoch also reports R² of every slice.
     """
 
-    def __init__(self, group: Specialists, teacher: nn.Module, slices: Sequence[torch.Tensor]):
+    def __init__(
+        self, group: Specialists, teacher: nn.Module, slices: Sequence[torch.Tensor], teacher_bf16: bool = False
+    ):
         super().__init__()
         self.student = group
-        self.teacher = FrozenTeacher(teacher)
+        self.teacher = FrozenTeacher(teacher, bf16=teacher_bf16)
         self.loss = PartitionLoss(slices)
         self._targets: dict[int, torch.Tensor] = {}  # the teacher's embeddings per evaluation loader, computed once
 
@@ -262,7 +266,7 @@ def build_cohort_group(cfg: Config) -> Ensemble:
 def build_cohort(cfg: Config, group: Ensemble, train_loader=None) -> Cohort:
     teacher = load_teacher(cfg.teacher, cfg) if METHODS.get(cfg.method).needs_teacher else None
     kd = KDLoss(cfg.T, cfg.ce_weight, cfg.kd_weight) if teacher is not None else None
-    return Cohort(group, MutualLearningLoss(cfg.peer_T, cfg.peer_weight, kd), teacher)
+    return Cohort(group, MutualLearningLoss(cfg.peer_T, cfg.peer_weight, kd), teacher, cfg.teacher_amp == "bf16")
 
 
 def mutual_learning(cfg: Config) -> RunResult:
@@ -327,7 +331,8 @@ def build_specialists(cfg: Config) -> Specialists:
 
 def _partition_task(cfg: Config, group: Specialists, train_loader=None) -> PartitionRegression:
     teacher = load_teacher(cfg.teacher, cfg)
-    return PartitionRegression(group, teacher, partition(teacher.embed_dim, cfg.members))
+    slices = partition(teacher.embed_dim, cfg.members)
+    return PartitionRegression(group, teacher, slices, teacher_bf16=cfg.teacher_amp == "bf16")
 
 
 def train_specialists(cfg: Config, head_epochs: int = 10) -> tuple[RunResult, RunResult]:

@@ -116,6 +116,7 @@ class Config:
     # teacher-output reuse (train_kd.py): logits stored once per epoch stream, read back by every student
     teacher_cache: bool = False  # logit-only methods; methods that need teacher features run it online
     cache_dtype: str = "float16"  # float16 | float32 storage of the cached logits
+    teacher_amp: str = "off"  # bf16: the frozen teacher's forward under bf16 autocast (the student stays fp32)
     # speed
     channels_last: bool = True  # faster convolutions on CPU (oneDNN) and on CUDA
     amp: str = "auto"  # bf16 autocast: auto (on for CUDA only) | bf16 | off
@@ -190,6 +191,7 @@ CHOICES = {
     "schedule": ["multistep", "cosine", "constant"],
     "amp": ["auto", "bf16", "off"],
     "cache_dtype": ["float16", "float32"],
+    "teacher_amp": ["off", "bf16"],
 }
 
 
@@ -312,7 +314,9 @@ RECIPE_FIELDS = (
     "crd_momentum",
 )
 # Config fields that belong to a method; a run's identity keeps only those its method reads.
-METHOD_FIELDS = frozenset({*RECIPE_FIELDS, "teacher", "hint_stage", "teacher_cache", "cache_dtype", "alpha"})
+METHOD_FIELDS = frozenset(
+    {*RECIPE_FIELDS, "teacher", "hint_stage", "teacher_cache", "cache_dtype", "teacher_amp", "alpha"}
+)
 
 # Modules that register methods when imported; loaded when a name is not (yet) registered.
 METHOD_MODULES = ("train_kd", "feature_kd", "multi_student")
@@ -355,7 +359,7 @@ def register_method(
         raise TypeError(f"reads={bad} of method {name!r} are not method fields; they are {sorted(METHOD_FIELDS)}")
     fields_read = set(recipe) | set(reads)
     if needs_teacher:
-        fields_read.add("teacher")
+        fields_read |= {"teacher", "teacher_amp"}
         if not needs_features:
             fields_read |= {"teacher_cache", "cache_dtype"}  # logits alone can come from the cache
 

@@ -157,6 +157,20 @@ def dkd_terms(
     return tckd * T * T, nckd * T * T
 
 
+@torch.no_grad()
+def kd_decomposition(logits_s: torch.Tensor, logits_t: torch.Tensor, target: torch.Tensor, T: float = 4.0) -> dict:
+    """Means over samples of Hinton's T²·KL and its DKD parts: KD = TCKD + (1 − p_t,target)·NCKD."""
+    tckd, nckd = dkd_terms(logits_s, logits_t, target, T)  # (N,), (N,)
+    weight = 1 - (upcast(logits_t) / T).softmax(1).gather(1, target[:, None]).squeeze(1)  # (N,)
+    return {
+        "kd": kd_loss(logits_s, logits_t, T).item(),
+        "tckd": tckd.mean().item(),
+        "nckd": nckd.mean().item(),
+        "teacher_1-p_target": weight.mean().item(),
+        "weighted_nckd": (weight * nckd).mean().item(),
+    }
+
+
 class DKDLoss(nn.Module):
     """Decoupled KD (Zhao et al., CVPR 2022, "Decoupled Knowledge Distillation").
 
@@ -193,10 +207,11 @@ class FrozenTeacher(nn.Module):
     called on the network itself cannot make its batch-norm statistics drift.
     """
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, bf16: bool = False):
         super().__init__()
         net.requires_grad_(False)
         self._hidden = (net.eval(),)  # a tuple is not registered as a submodule
+        self.bf16 = bf16  # forward under bf16 autocast, outputs handed on in fp32
 
     @property
     def net(self) -> nn.Module:
@@ -211,8 +226,20 @@ class FrozenTeacher(nn.Module):
 
     def forward(self, x: torch.Tensor, features: bool = False):
         self.net.train(False)
-        with torch.no_grad():
-            return self.net(x, features=True) if features else self.net(x)
+        with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.net(x, features=True) if features else self.net(x)
+        return _to_float(out) if self.bf16 else out
+
+
+def _to_float(out):
+    """bf16 outputs (a tensor, or logits with a features dict of tensors and lists of them) as fp32."""
+    if isinstance(out, torch.Tensor):
+        return out.float()
+    if isinstance(out, (list, tuple)):
+        return type(out)(_to_float(o) for o in out)
+    if isinstance(out, dict):
+        return {k: _to_float(v) for k, v in out.items()}
+    return out
 
 
 class Distiller(nn.Module):
@@ -222,10 +249,10 @@ class Distiller(nn.Module):
     the optimizer and checkpoints with the student; the teacher reaches neither.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, loss: nn.Module):
+    def __init__(self, student: nn.Module, teacher: nn.Module, loss: nn.Module, teacher_bf16: bool = False):
         super().__init__()
         self.student = student
-        self.teacher = FrozenTeacher(teacher)
+        self.teacher = FrozenTeacher(teacher, bf16=teacher_bf16)
         self.loss = loss
 
     @property
@@ -331,7 +358,7 @@ def build_distiller(cfg: Config, student: nn.Module, train_loader=None) -> Disti
     if train_loader is not None:
         context["train_size"] = len(getattr(train_loader, "loader", train_loader).images)
     loss = get_method(cfg.method)(cfg, student, teacher, **context)
-    return Distiller(student, teacher, loss)
+    return Distiller(student, teacher, loss, teacher_bf16=cfg.teacher_amp == "bf16")
 
 
 def get_method(name: str):
@@ -409,6 +436,11 @@ def check_method_inputs(cfg: Config) -> None:
         raise ValueError(
             f"method {cfg.method!r} needs the teacher's features, not only its logits; teacher-output reuse "
             "(--teacher-cache) stores logits: drop it (the teacher then runs online)"
+        )
+    if cfg.teacher_cache and cfg.teacher_amp == "bf16":
+        raise ValueError(
+            "--teacher-amp bf16 speeds up a teacher that runs every step; with --teacher-cache it runs once per "
+            "view and its stored logits are what the student sees: drop one of the two"
         )
     if method.needs_index and distributed()[1] > 1:
         raise ValueError(f"method {cfg.method!r} keeps a per-sample memory bank, which this loop does not shard")

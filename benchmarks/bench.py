@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data_utils  # noqa: E402
-from analysis import summarize  # noqa: E402
+from analysis import summarize, top1_agreement  # noqa: E402
 from model import create_model  # noqa: E402
 from train_eval import build_optimizer, make_config, optimizer_step, train  # noqa: E402
 from train_kd import Distiller, KDLoss, run_many  # noqa: E402
@@ -248,7 +248,9 @@ def bench_kd(args) -> dict:
     torch.manual_seed(0)
     student = create_model(s_name, num_classes=100, width=s_w).to(memory_format=torch.channels_last)
     teacher = create_model(t_name, num_classes=100, width=t_w).to(memory_format=torch.channels_last)
-    distiller = Distiller(student, teacher, KDLoss(T=4.0, ce_weight=0.1, kd_weight=0.9)).train()
+    loss = KDLoss(T=4.0, ce_weight=0.1, kd_weight=0.9)
+    distiller = Distiller(student, teacher, loss).train()
+    bf16_teacher = Distiller(student, teacher, loss, teacher_bf16=True).train()  # same networks
     x, y = fake_batch(args.batch, 100)
     cached = distiller.teacher(x)  # (B, 100), what CachedTeacherLoader would hand over
     ce = ce_task(s_name, s_w, 100)
@@ -257,14 +259,19 @@ def bench_kd(args) -> dict:
     cases = {
         "ce": repeat_steps(make_stepper(ce), (x, y), steps),
         "kd_online": repeat_steps(kd_step, (x, y), steps),
+        "kd_online_bf16_teacher": repeat_steps(make_stepper(bf16_teacher), (x, y), steps),
         "kd_cached": repeat_steps(kd_step, (x, y, {"teacher_logits": cached}), steps),
     }
     sec = interleaved(cases, args.repeats)
+    with torch.no_grad():
+        z32, z16 = distiller.teacher(x), bf16_teacher.teacher(x)
     return {
         "pair": f"{t_name} x{t_w:g} -> {s_name} x{s_w:g}",
         "ms_per_step": {k: 1000 * v / steps for k, v in sec.items()},
         "online_vs_ce": sec["kd_online"] / sec["ce"],
+        "online_bf16_teacher_vs_ce": sec["kd_online_bf16_teacher"] / sec["ce"],
         "cached_vs_ce": sec["kd_cached"] / sec["ce"],
+        "bf16_teacher_top1_agreement": top1_agreement(z16, z32),  # untrained weights: a check, not the parity
     }
 
 
@@ -372,6 +379,7 @@ TARGETS = [
         0.9,
     ),
     ("KD online / CE step", lambda r: r["kd"]["online_vs_ce"], "<=", 1.85),
+    ("KD online, bf16 teacher / CE step", lambda r: r["kd"]["online_bf16_teacher_vs_ce"], "<=", 1.5),
     ("KD cached logits / CE step", lambda r: r["kd"]["cached_vs_ce"], "<=", 1.05),
     ("sweep: runs/hour, parallel / one at a time", lambda r: r["sweep"]["parallel_vs_one_at_a_time"], ">=", 1.4),
 ]

@@ -129,3 +129,34 @@ def test_cell_table_means_cis_and_the_pick():
     assert table.loc[4, "n"] == 2 and table.loc[4, "val_top1"] == 70.5 and table.loc[1, "test_top1"] == 60
     assert table.loc[1, "val_top1_ci95"] == pytest.approx(stats.t.ppf(0.975, 1) * math.sqrt(2) / math.sqrt(2))
     assert table.loc[4, "picked"] == "← picked" and table.loc[1, "picked"] == ""
+
+
+def test_kd_decomposition_adds_up_to_kd():
+    from train_kd import kd_decomposition
+
+    torch.manual_seed(0)
+    zs, zt, y = torch.randn(64, 10), 3 * torch.randn(64, 10), torch.randint(0, 10, (64,))
+    parts = kd_decomposition(zs, zt, y, T=4.0)
+    assert parts["kd"] == pytest.approx(parts["tckd"] + parts["weighted_nckd"], rel=1e-5)
+    assert 0 < parts["teacher_1-p_target"] < 1
+
+
+def test_logit_conflicts_seed_definition_by_hand():
+    from analysis import logit_conflicts, logit_relation
+
+    # 3 classes, 3 samples. Sample 0: teacher says 0, label 0, independent says 0 (far from the
+    # teacher), KD says 1 while being closer in KL -> a conflict. Sample 1: KD predicts the label -> none.
+    teacher = torch.tensor([[3.0, 2.9, -5.0], [0.0, 3.0, 0.0], [2.0, 0.0, 0.0]])
+    kd = torch.tensor([[2.9, 3.0, -5.0], [3.0, 0.0, 0.0], [2.0, 0.0, 0.0]])
+    independent = torch.tensor([[9.0, -9.0, 0.0], [0.0, 3.0, 0.0], [2.0, 0.0, 0.0]])
+    labels = torch.tensor([0, 0, 0])
+    standardized = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    out = logit_conflicts(teacher, kd, independent, labels, standardized, T=3.0)
+    assert out["mask"].tolist() == [True, False, False] and out["conflicts"] == 1
+    assert out["agreement"] == 100.0  # the standardised student predicts 0, as the teacher
+    zt = (teacher - teacher.mean(1, keepdim=True)) / teacher.std(1, keepdim=True)
+    z = lambda x: (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True)  # noqa: E731
+    flipped = per_sample_kl(z(kd)[:1], zt[:1], 3.0) > per_sample_kl(z(independent)[:1], zt[:1], 3.0)
+    assert out["reversed"] == int(flipped.item())
+    rel = logit_relation(teacher, teacher)
+    assert rel["kl_raw"] == pytest.approx(0, abs=1e-6) and rel["spearman"] == pytest.approx(1.0)

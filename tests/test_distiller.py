@@ -77,3 +77,30 @@ def test_registered_method_trains_without_touching_the_loop(smoke_cfg):
         assert {"train_ce", "train_l2", "train_loss"} <= set(result.history.columns)
     finally:
         train_kd.METHODS.pop("test-l2")
+
+
+def test_bf16_teacher_hands_on_fp32_outputs_close_to_fp32_and_student_trains_in_fp32():
+    torch.manual_seed(0)
+    net = create_model("vgg11", num_classes=10, width=0.25)
+    x = torch.randn(8, 3, 32, 32)
+    fp32, bf16 = FrozenTeacher(net), FrozenTeacher(net, bf16=True)
+    z32, (z16, f16) = fp32(x), bf16(x, features=True)
+    assert z16.dtype == torch.float32 and all(f.dtype == torch.float32 for f in f16["stages"])
+    assert f16["pooled"].dtype == torch.float32
+    assert not torch.equal(z16, z32)  # it really ran in bf16
+    assert torch.allclose(z16, z32, atol=0.05 * z32.abs().max().item())
+    student = create_model("vgg8", num_classes=10, width=0.125)
+    distiller = Distiller(student, net, KDLoss(T=4.0, ce_weight=0.1, kd_weight=0.9), teacher_bf16=True)
+    _, terms = distiller(x, torch.randint(0, 10, (8,)))
+    sum(terms.values()).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in student.parameters())
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_bf16_teacher_and_teacher_cache_together_are_refused(smoke_cfg, smoke_teacher):
+    from train_kd import check_method_inputs
+
+    with pytest.raises(ValueError, match="drop one of the two"):
+        check_method_inputs(
+            smoke_cfg(method="kd", teacher=smoke_teacher.run_dir, teacher_cache=True, teacher_amp="bf16")
+        )

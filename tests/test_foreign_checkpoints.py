@@ -197,3 +197,22 @@ def test_multi_student_script_reports_bad_values_as_usage_errors():
         env=env,
     )
     assert done.returncode == 2 and "width must be > 0" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_hub_teacher_from_the_command_line(synthetic_dir, tmp_path):
+    # a released file already in torch.hub's cache (as after one download): distil from it by name
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    theirs = randomized(TorchvisionLayoutVGG("A", num_classes=10))
+    torch.save(theirs.state_dict(), cache / os.path.basename(HUB_URLS["cifar10_vgg11_bn"]))
+    env = {**os.environ, "KD_PROGRESS": "0", "TORCH_HOME": str(tmp_path / "torch")}
+    args = ["--profile", "smoke", "--data-dir", synthetic_dir, "--out-dir", str(tmp_path / "runs"), "--epochs", "1"]
+    args += ["--teacher", "hub:cifar10_vgg11_bn", "--method", "at+kd"]
+    done = subprocess.run([sys.executable, "train_kd.py", *args], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert done.returncode == 2 and "near chance" in done.stderr  # random weights: the teacher check refuses
+    assert "teacher hub:cifar10_vgg11_bn: test_top1" in done.stdout  # measured once, printed, stored
+    done = subprocess.run(
+        [sys.executable, "train_kd.py", *args, "--trust-teacher"], capture_output=True, text=True, cwd=ROOT, env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "run folder" in done.stdout and "at+kd" in done.stdout
