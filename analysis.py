@@ -297,9 +297,11 @@ def output_stats(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: tor
     return out
 
 
-def _zscore(logits: torch.Tensor) -> torch.Tensor:
-    z = logits.double()
-    return (z - z.mean(1, keepdim=True)) / (z.std(1, keepdim=True) + 1e-7)  # (N, K), as Sun et al.
+def standardize(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Per-sample z-score over classes: (z - mean_k z) / (std_k z + eps), unbiased std as Sun et al.
+    (CVPR 2024); bf16/fp16 logits are computed in fp32."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return (z - z.mean(dim=1, keepdim=True)) / (z.std(dim=1, keepdim=True) + eps)  # (N, K)
 
 
 def logit_relation(logits: torch.Tensor, teacher_logits: torch.Tensor) -> dict:
@@ -308,7 +310,7 @@ def logit_relation(logits: torch.Tensor, teacher_logits: torch.Tensor) -> dict:
     the mean per-sample std of the model's logits (its scale)."""
     return {
         "kl_raw": per_sample_kl(logits, teacher_logits).mean().item(),
-        "kl_standardised": per_sample_kl(_zscore(logits), _zscore(teacher_logits)).mean().item(),
+        "kl_standardised": per_sample_kl(standardize(logits), standardize(teacher_logits)).mean().item(),
         "spearman": spearman_rows(logits, teacher_logits).nanmean().item(),
         "logit_std": logits.float().std(1).mean().item(),
     }
@@ -329,8 +331,8 @@ def logit_conflicts(teacher, kd, independent, labels, standardized=None, T: floa
     closer = per_sample_kl(kd, teacher, T) < per_sample_kl(independent, teacher, T)
     unsupported = (kd_pred != t_pred) & (kd_pred != labels)
     mask = closer & unsupported & ((ind_pred == t_pred) | (ind_pred == labels))  # (N,)
-    zt = _zscore(teacher)
-    flipped = per_sample_kl(_zscore(kd), zt, T) > per_sample_kl(_zscore(independent), zt, T)
+    zt = standardize(teacher)
+    flipped = per_sample_kl(standardize(kd), zt, T) > per_sample_kl(standardize(independent), zt, T)
     out = {"samples": len(labels), "conflicts": int(mask.sum()), "reversed": int((mask & flipped).sum()), "mask": mask}
     if standardized is not None:
         agree = standardized.argmax(1)[mask] == t_pred[mask]

@@ -251,11 +251,12 @@ def state_digest(state: dict) -> str:
 
 def read_checkpoint(path: str, map_location="cpu") -> dict:
     """The checkpoint's contents, unpickled with ``weights_only=True``: tensors and plain values
-    only, so no code in the file ever runs."""
+    only, so no code in the file ever runs. Another codebase's file comes back as this project's
+    (``foreign_checkpoint``): ``arch`` and ``model`` in this project's key names, and ``format``."""
     path = resolve_checkpoint(path)
     try:
         with torch.serialization.safe_globals([collections.Counter]):  # MultiStepLR keeps its milestones in one
-            return torch.load(path, map_location=map_location, weights_only=True)
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         raise ValueError(
             f"refusing to load {path}: it holds Python objects beyond tensors and plain values, and unpickling "
@@ -264,6 +265,7 @@ def read_checkpoint(path: str, map_location="cpu") -> dict:
         ) from err
     except (RuntimeError, EOFError) as err:
         raise ValueError(f"cannot read checkpoint {path} ({err}); it may be truncated: delete it and rerun") from err
+    return ckpt if isinstance(ckpt, dict) and "arch" in ckpt else foreign_checkpoint(ckpt, path)
 
 
 def load_checkpoint(path: str, map_location="cpu", arch: str | None = None) -> tuple[nn.Module, dict]:
@@ -276,8 +278,6 @@ def load_checkpoint(path: str, map_location="cpu", arch: str | None = None) -> t
     name) only confirms them. The returned checkpoint always holds ``arch`` and ``model`` in this
     project's layout, and ``format``: where the file came from."""
     ckpt = read_checkpoint(path, map_location)
-    if "arch" not in ckpt:
-        ckpt = foreign_checkpoint(ckpt, resolve_checkpoint(path))
     spec = dict(ckpt["arch"])
     if arch is not None and arch != spec["name"]:
         raise ValueError(f"{path} holds a {spec['name']} (width {spec['width']:g}), not the {arch} it was named as")
@@ -319,8 +319,10 @@ def hub_checkpoint(name: str) -> str:
     return file
 
 
-def _tensors(ckpt: dict) -> dict:
+def _tensors(ckpt) -> dict:
     """The state dict inside a foreign checkpoint, without DataParallel's ``module.`` prefix."""
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"it holds a {type(ckpt).__name__}, not a dict of weights")
     for key in ("model", "state_dict", "net"):
         if isinstance(ckpt.get(key), dict):
             ckpt = ckpt[key]

@@ -497,7 +497,7 @@ def teacher_digest(path: str) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _weights_digest(file: str, size: int, mtime_ns: int) -> str:
-    return state_digest(load_checkpoint(file)[1]["model"])[:16]  # any format, in this project's key names
+    return state_digest(read_checkpoint(file)["model"])[:16]  # any format, in this project's key names
 
 
 def run_name(cfg: Config) -> str:
@@ -956,7 +956,7 @@ def build_student(cfg: Config) -> nn.Module:
     num_classes = data_utils.DATASETS[cfg.dataset].num_classes
     student = create_model(cfg.model, num_classes=num_classes, width=cfg.width)
     if cfg.init_from:
-        student.load_state_dict(load_checkpoint(cfg.init_from)[1]["model"])
+        student.load_state_dict(read_checkpoint(cfg.init_from)["model"])
     return student
 
 

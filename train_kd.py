@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import data_utils
-from analysis import cell_table, compare, plot_seeds, summarize, summarize_seeds
+from analysis import cell_table, compare, plot_seeds, standardize, summarize, summarize_seeds
 from model import count_flops, count_params, create_model, load_checkpoint
 from teacher_cache import use_teacher_cache
 from train_eval import (
@@ -107,12 +107,6 @@ class KDLoss(nn.Module):
             "ce": self.ce_weight * F.cross_entropy(logits_s, target),
             "kd": self.kd_weight * self.match(logits_s, logits_t),
         }
-
-
-def standardize(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """Per-sample z-score over classes: (z - mean_k z) / (std_k z + eps), unbiased std as Sun et al."""
-    z = upcast(logits)
-    return (z - z.mean(dim=1, keepdim=True)) / (z.std(dim=1, keepdim=True) + eps)  # (B, K)
 
 
 class LogitStandardKDLoss(KDLoss):
