@@ -355,15 +355,66 @@ def conflict_analysis(teacher: torch.Tensor, kd: torch.Tensor, independent: torc
     return {"samples": len(t_pred), "conflicts": int(mask.sum()), "corrected": int(corrected.sum()), "mask": mask}
 
 
+def _centred(gram: torch.Tensor) -> torch.Tensor:
+    """H K H with H = I − 11ᵀ/n: the Gram matrix of the centred features."""
+    return gram - gram.mean(0, keepdim=True) - gram.mean(1, keepdim=True) + gram.mean()
+
+
+def _cka(k: torch.Tensor, ell: torch.Tensor) -> float:
+    kc, lc = _centred(k), _centred(ell)
+    return ((kc * lc).sum() / (kc.norm() * lc.norm())).item()
+
+
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     """Linear CKA (Kornblith et al., ICML 2019) of two representations of the same n inputs.
 
     CKA = HSIC(K, L) / sqrt(HSIC(K, K) · HSIC(L, L)) with K = XXᵀ, L = YYᵀ of centred features;
     1 for representations equal up to rotation and isotropic scaling; any widths.
     """
-    x, y = x.double() - x.double().mean(0), y.double() - y.double().mean(0)
-    k, ell = x @ x.t(), y @ y.t()  # (n, n) Gram matrices: cheaper than (D, D) for wide maps
-    return ((k * ell).sum() / (k.norm() * ell.norm())).item()
+    x, y = x.double(), y.double()
+    return _cka(x @ x.t(), y @ y.t())  # (n, n) Gram matrices: cheaper than (D, D) for wide maps
+
+
+def _hsic_unbiased(k: torch.Tensor, ell: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    """Song et al.'s (JMLR 2012) unbiased HSIC of (n, n) Gram matrices, up to the factor 1/(n(n−3))
+    (it cancels in CKA); ``same`` (n, n) marks the pairs of one image (the diagonal, and repeats
+    in a bootstrap resample), which the estimator leaves out."""
+    k, ell = k.masked_fill(same, 0), ell.masked_fill(same, 0)
+    n = len(k)
+    return (k * ell).sum() + k.sum() * ell.sum() / ((n - 1) * (n - 2)) - 2 / (n - 2) * (k.sum(0) * ell.sum(0)).sum()
+
+
+def _debiased_cka(k: torch.Tensor, ell: torch.Tensor, same: torch.Tensor) -> float:
+    hsic = _hsic_unbiased(k, ell, same) / (_hsic_unbiased(k, k, same) * _hsic_unbiased(ell, ell, same)).sqrt()
+    return hsic.item()
+
+
+def debiased_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA from unbiased HSIC estimates (Nguyen, Raghu & Kornblith, ICLR 2021): the plain
+    estimate (``linear_cka``) is biased upwards at finite n, and more so on a bootstrap resample,
+    whose repeated images look perfectly similar."""
+    x, y = x.double(), y.double()
+    return _debiased_cka(x @ x.t(), y @ y.t(), torch.eye(len(x), dtype=torch.bool))
+
+
+def cka_bootstrap(xs: torch.Tensor | Sequence[torch.Tensor], y: torch.Tensor, n_boot: int = 200, seed: int = 0) -> dict:
+    """Debiased linear CKA of each representation in ``xs`` (e.g. one per student seed) with ``y``,
+    their mean, and a 95% percentile bootstrap CI of that mean over the n images. Each resample is
+    shared by all of ``xs`` (the CI is over images, not seeds) and scored without the pairs of an
+    image with its own repeats, which would otherwise inflate the resampled CKA."""
+    xs = [xs] if isinstance(xs, torch.Tensor) else list(xs)
+    grams = [x.double() @ x.double().t() for x in xs]  # (n, n) each
+    ell = y.double() @ y.double().t()  # (n, n)
+    n = len(y)
+    per_x = [_debiased_cka(k, ell, torch.eye(n, dtype=torch.bool)) for k in grams]
+    g = torch.Generator().manual_seed(seed)
+    boots = []
+    for _ in range(n_boot):
+        i = torch.randint(n, (n,), generator=g)
+        same = i[:, None] == i[None, :]  # (n, n)
+        boots.append(np.mean([_debiased_cka(k[i][:, i], ell[i][:, i], same) for k in grams]))
+    low, high = np.percentile(boots, [2.5, 97.5])
+    return {"cka": float(np.mean(per_x)), "ci_low": float(low), "ci_high": float(high), "per_x": per_x}
 
 
 def pairwise_disagreement(member_logits: Sequence[torch.Tensor]) -> float:
@@ -377,14 +428,17 @@ def pairwise_disagreement(member_logits: Sequence[torch.Tensor]) -> float:
 
 def group_metrics(member_logits: Sequence[torch.Tensor], labels: torch.Tensor, teacher_logits=None) -> dict:
     """From each member's logits (N, K): every member's top-1, the logit-averaged ensemble's
-    loss/top-1/top-5, pairwise disagreement and, given the teacher's logits, the ensemble's
-    top-1 agreement with the teacher."""
-    ens = torch.stack(list(member_logits)).float().mean(0)  # (N, K)
+    loss/top-1/top-5 and the probability-averaged one's top-1 (``top1_prob``), pairwise
+    disagreement and, given the teacher's logits, the ensemble's top-1 agreement with the teacher."""
+    stacked = torch.stack(list(member_logits)).float()  # (M, N, K)
+    ens = stacked.mean(0)  # (N, K)
+    probs = stacked.softmax(2).mean(0)  # (N, K)
     top5 = ens.topk(min(5, ens.shape[1]), dim=1).indices  # (N, 5)
     out = {
         "loss": F.cross_entropy(ens, labels).item(),
         "top1": 100 * (ens.argmax(1) == labels).float().mean().item(),
         "top5": 100 * (top5 == labels[:, None]).any(1).float().mean().item(),
+        "top1_prob": 100 * (probs.argmax(1) == labels).float().mean().item(),
     }
     for i, z in enumerate(member_logits):
         out[f"top1_m{i}"] = 100 * (z.argmax(1) == labels).float().mean().item()
@@ -402,3 +456,22 @@ def r_squared(pred: torch.Tensor, target: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------- runs
+
+
+def term_table(groups: Mapping[str, Sequence], epochs: Sequence[str] = ("first", "last")) -> pd.DataFrame:
+    """Each group's weighted loss terms (the loop's per-epoch means ``train_<term>``) at its first and
+    last epoch, mean over the group's runs: one row per (group, epoch), one column per term and
+    ``loss`` their sum, so the balance between the terms of every method is visible."""
+    skip = {"train_top1", "train_images_per_s"}
+    rows = []
+    for name, runs in groups.items():
+        for which in epochs:
+            values = [r.history.iloc[0 if which == "first" else -1] for r in runs]
+            terms = {
+                c[6:]: np.mean([v[c] for v in values])
+                for c in values[0].index
+                if c.startswith("train_") and c not in skip
+            }
+            rows.append({"group": name, "epoch": int(values[0]["epoch"]), **terms})
+    table = pd.DataFrame(rows).set_index(["group", "epoch"])
+    return table[[c for c in table.columns if c != "loss"] + ["loss"]]

@@ -27,6 +27,7 @@ from torch import nn
 
 import data_utils
 from analysis import group_metrics, r_squared
+from data_utils import unaugmented
 from model import Ensemble, Specialists, count_flops, count_params, create_model, ensemble, read_checkpoint, specialists
 from teacher_cache import use_teacher_cache
 from train_eval import (
@@ -179,6 +180,7 @@ def evaluate_group(models: Sequence[nn.Module], loader, teacher_logits=None, amp
         "member_top1": member_top1,
         "ensemble_top1": out.pop("top1"),
         "ensemble_top5": out.pop("top5"),
+        "ensemble_top1_prob": out.pop("top1_prob"),
         **out,
     }
 
@@ -220,36 +222,69 @@ class PartitionRegression(nn.Module):
 
     The logits it returns (and its test accuracy) are those of the specialists through their
     head, initialised to the teacher's own classifier: they show how much of the teacher's
-    decision the regressed embedding carries. Each epoch also reports R² of every slice.
+    decision the regressed embedding carries. With ``ce_weight`` > 0 the cross-entropy of those
+    logits is added to the regression (term ``ce``). With ``target_stats`` (the embedding's mean
+    and std per dimension) the members regress the z-scored embedding, so every dimension weighs
+    the same in the MSE, and the head is expected to undo the scaling (``fold_standardization``).
+    Each epoch also reports R² of every slice, in the space the members regress.
     """
 
     def __init__(
-        self, group: Specialists, teacher: nn.Module, slices: Sequence[torch.Tensor], teacher_bf16: bool = False
+        self,
+        group: Specialists,
+        teacher: nn.Module,
+        slices: Sequence[torch.Tensor],
+        teacher_bf16: bool = False,
+        ce_weight: float = 0.0,
+        target_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         super().__init__()
         self.student = group
         self.teacher = FrozenTeacher(teacher, bf16=teacher_bf16)
         self.loss = PartitionLoss(slices)
+        self.ce_weight = ce_weight
+        self.standardized = target_stats is not None
+        mean, std = target_stats if self.standardized else (torch.zeros(0), torch.ones(0))
+        self.register_buffer("target_mean", mean.clone())  # (D,) or empty
+        self.register_buffer("target_std", std.clone())  # (D,) or empty
         self._targets: dict[int, torch.Tensor] = {}  # the teacher's embeddings per evaluation loader, computed once
+
+    def _target(self, x: torch.Tensor) -> torch.Tensor:
+        emb = self.teacher(x, features=True)[1]["pooled"].float()  # (B, D)
+        return (emb - self.target_mean) / self.target_std if self.standardized else emb
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, **_):
         outputs = self.student.member_outputs(x)
-        _, feats = self.teacher(x, features=True)
-        return self.student.head(torch.cat(outputs, 1)), self.loss(outputs, feats["pooled"])
-
-    def _teacher_embedding(self, x: torch.Tensor) -> torch.Tensor:
-        return self.teacher(x, features=True)[1]["pooled"]  # (B, D)
+        logits = self.student.head(torch.cat(outputs, 1))  # (B, K)
+        terms = self.loss(outputs, self._target(x))
+        if self.ce_weight:
+            terms["ce"] = self.ce_weight * F.cross_entropy(logits, y)
+        return logits, terms
 
     def test_metrics(self, loader, amp: bool = False) -> dict:
         metrics = evaluate(self.student, loader, amp)
         if id(loader) not in self._targets:  # validation and test each have their own
-            self._targets[id(loader)] = predict(self.student, loader, amp, output=self._teacher_embedding)[0]  # (N, D)
+            self._targets[id(loader)] = predict(self.student, loader, amp, output=self._target)[0]  # (N, D)
         pred = predict(self.student, loader, amp, output=self.student.embed)[0]  # (N, D)
         target = self._targets[id(loader)]
         for k, idx in enumerate(self.loss.slices):
             metrics[f"r2_{k}"] = r_squared(pred[:, idx], target[:, idx])
         metrics["r2"] = r_squared(pred, target)
         return metrics
+
+
+@torch.no_grad()
+def embedding_stats(teacher: nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std per dimension of the teacher's pooled embedding over ``loader``'s images."""
+    emb = predict(teacher, loader, output=lambda x: teacher(x, features=True)[1]["pooled"])[0].float()  # (N, D)
+    return emb.mean(0), emb.std(0).clamp_min(1e-6)
+
+
+@torch.no_grad()
+def fold_standardization(head: nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Make ``head`` read z-scored inputs u = (e − mean)/std as it read e: W·e + b = (W·diag(std))·u + (b + W·mean)."""
+    head.bias.add_(head.weight @ mean)
+    head.weight.mul_(std)
 
 
 def _num_classes(cfg: Config) -> int:
@@ -293,12 +328,16 @@ register_method(
 )(None)
 register_method(
     "partition",
-    source="this project: members regress slices of the teacher's pooled embedding (MSE)",
+    source="this project: members regress slices of the teacher's pooled embedding (MSE; CE weight 0)",
     needs_features=True,
+    reads=("ce_weight", "standardize_targets"),
 )(None)
-register_method("specialists", source="this project: a linear head on frozen partition members", needs_features=True)(
-    None
-)
+register_method(
+    "specialists",
+    source="this project: a linear head on frozen partition members",
+    needs_features=True,
+    reads=("probe_member",),
+)(None)
 
 
 def build_specialists(cfg: Config) -> Specialists:
@@ -323,6 +362,20 @@ def build_specialists(cfg: Config) -> Specialists:
     check_budget(group, cfg.budget, f"{cfg.members} specialists {cfg.model} x{cfg.width:g} and their head")
     if frozen:
         group.load_state_dict(read_checkpoint(cfg.init_from)["model"])
+        if cfg.probe_member >= 0:  # one frozen member under a fresh linear head of its own
+            if cfg.probe_member >= cfg.members:
+                raise ValueError(f"probe_member={cfg.probe_member}: the group has members 0-{cfg.members - 1}")
+            member = group.members[cfg.probe_member]
+            probe = create_model(
+                "specialists",
+                num_classes=group.num_classes,
+                width=cfg.width,
+                member=cfg.model,
+                out_dims=[member.num_classes],
+                frozen=True,
+            )
+            probe.members[0].load_state_dict(member.state_dict())
+            return probe
     else:  # contiguous slices in order: the concatenated outputs line up with the teacher's embedding
         group.head.load_state_dict(teacher.classifier.state_dict())
         group.head.requires_grad_(False)  # stage 1 trains the students only; the head just reads them
@@ -332,7 +385,12 @@ def build_specialists(cfg: Config) -> Specialists:
 def _partition_task(cfg: Config, group: Specialists, train_loader=None) -> PartitionRegression:
     teacher = load_teacher(cfg.teacher, cfg)
     slices = partition(teacher.embed_dim, cfg.members)
-    return PartitionRegression(group, teacher, slices, teacher_bf16=cfg.teacher_amp == "bf16")
+    stats = None
+    if cfg.standardize_targets:  # statistics of the students' own training images, unaugmented
+        stats = embedding_stats(teacher, unaugmented(train_loader))
+        fold_standardization(group.head, *stats)
+    ce_weight = cfg.ce_weight or 0.0
+    return PartitionRegression(group, teacher, slices, cfg.teacher_amp == "bf16", ce_weight, stats)
 
 
 def train_specialists(cfg: Config, head_epochs: int = 10) -> tuple[RunResult, RunResult]:
@@ -344,13 +402,23 @@ def train_specialists(cfg: Config, head_epochs: int = 10) -> tuple[RunResult, Ru
     return stage1, train(stage2_cfg, make_student=build_specialists)
 
 
-def train_ensemble(cfg: Config, k: int, ensemble_seed: int = 0) -> list[RunResult]:
+def train_probes(cfg: Config, stage1: RunResult, head_epochs: int = 10) -> list[RunResult]:
+    """A linear probe per specialist: member k of the stage-1 run, frozen, under its own linear head
+    trained with cross-entropy for ``head_epochs`` (how much of the classes each slice carries)."""
+    stage1_cfg = stage1.config
+    probe = replace(stage1_cfg, method="specialists", epochs=head_epochs, init_from=stage1.run_dir, budget=0)
+    return [train(replace(probe, probe_member=k), make_student=build_specialists) for k in range(stage1_cfg.members)]
+
+
+def train_ensemble(cfg: Config, k: int, ensemble_seed: int = 0, shared_stream: bool = False) -> list[RunResult]:
     """``k`` students trained separately with ``cfg.method`` (e.g. "kd", or "ce": independent),
-    member m with model and data seed ``ensemble_seed · k + m``; the group is checked against
-    ``cfg.budget``. Evaluate them together with ``evaluate_group``."""
+    member m with model seed ``ensemble_seed · k + m``. Each member has its own data stream (data
+    seed = model seed) unless ``shared_stream``: then all see the batches, crops and flips of data
+    seed ``ensemble_seed``, as a mutual-learning cohort of seed ``ensemble_seed`` does, which makes
+    them its control. The group is checked against ``cfg.budget``; evaluate it with ``evaluate_group``."""
     seeds = range(ensemble_seed * k, ensemble_seed * k + k)
     check_budget(ensemble(_num_classes(cfg), cfg.width, cfg.model, k), cfg.budget, f"{k} x {cfg.model} x{cfg.width:g}")
-    return [distill(replace(cfg, members=1, seed=s, data_seed=s)) for s in seeds]
+    return [distill(replace(cfg, members=1, seed=s, data_seed=ensemble_seed if shared_stream else s)) for s in seeds]
 
 
 def budget_width(cfg: Config, k: int, method: str = "ensemble") -> float:

@@ -113,6 +113,8 @@ class Config:
     peer_T: float | None = None  # temperature of the mutual-learning term (recipe: Zhang et al.'s 1)
     peer_weight: float | None = None  # weight of the mutual-learning term (recipe: 1)
     budget: int = 0  # parameter budget a group of students must fit in; 0: unchecked
+    standardize_targets: bool = False  # specialists: regress the teacher's embedding z-scored per dimension
+    probe_member: int = -1  # specialists' head stage: a linear probe on this member alone; -1: all members
     # teacher-output reuse (train_kd.py): logits stored once per epoch stream, read back by every student
     teacher_cache: bool = False  # logit-only methods; methods that need teacher features run it online
     cache_dtype: str = "float16"  # float16 | float32 storage of the cached logits
@@ -315,7 +317,17 @@ RECIPE_FIELDS = (
 )
 # Config fields that belong to a method; a run's identity keeps only those its method reads.
 METHOD_FIELDS = frozenset(
-    {*RECIPE_FIELDS, "teacher", "hint_stage", "teacher_cache", "cache_dtype", "teacher_amp", "alpha"}
+    {
+        *RECIPE_FIELDS,
+        "teacher",
+        "hint_stage",
+        "teacher_cache",
+        "cache_dtype",
+        "teacher_amp",
+        "alpha",
+        "standardize_targets",
+        "probe_member",
+    }
 )
 
 # Modules that register methods when imported; loaded when a name is not (yet) registered.

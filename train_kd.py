@@ -17,6 +17,7 @@ import os
 import sys
 import time
 import typing
+import weakref
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -24,6 +25,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import data_utils
 from analysis import cell_table, compare, plot_seeds, standardize, summarize, summarize_seeds
@@ -443,9 +446,62 @@ def check_method_inputs(cfg: Config) -> None:
 # ----------------------------------------------------------------------------- cost of a method
 
 
-def _cost_worker(cfg: Config, steps: int, queue) -> None:
-    import resource
+class TensorMemory(TorchDispatchMode):
+    """Bytes of the tensors that the ops run under it allocate: ``current`` and ``peak``.
 
+    Every op's outputs are counted once per storage (views share their base's) and released when
+    the storage is freed, so ``peak`` is the most memory that activations, saved tensors,
+    gradients and temporaries held at once. Storages that existed before (parameters, optimizer
+    state, the batch) are seen but not counted. Unlike the process's resident set, this separates
+    methods whose differences are a few MB beside the data and the framework, and it works on any
+    device.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._live: dict[int, int] = {}  # storage address -> bytes counted for it
+        self.current = self.peak = 0
+
+    def _see(self, t: torch.Tensor, count: bool) -> None:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key in self._live or key == 0:
+            return
+        size = storage.nbytes() if count else 0
+        self._live[key] = size
+        self.current += size
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(storage, self._release, key)
+
+    def _release(self, key: int) -> None:
+        self.current -= self._live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for t in tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor):
+                self._see(t, count=False)
+        out = func(*args, **kwargs)
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._see(t, count=True)
+        return out
+
+
+def state_bytes(task: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of everything a run keeps between steps: parameters and buffers of the task (student,
+    adapters, memory banks), of a frozen teacher (held outside the module tree) and the optimizer
+    state; shared storages counted once."""
+    tensors = list(task.parameters()) + list(task.buffers())
+    for module in task.modules():
+        if isinstance(module, FrozenTeacher):
+            tensors += list(module.net.parameters()) + list(module.net.buffers())
+    tensors += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def _cost_worker(cfg: Config, steps: int, queue) -> None:
     train_loader = make_loaders(cfg).train
     train_loader.with_index = METHODS.get(cfg.method).needs_index
     num_classes = data_utils.DATASETS[cfg.dataset].num_classes
@@ -464,7 +520,7 @@ def _cost_worker(cfg: Config, steps: int, queue) -> None:
     def step():
         optimizer_step(task, optimizer, *next(batches), amp=amp)  # (x, y) or (x, y, extras)
 
-    for _ in range(2):  # warm-up: allocator, oneDNN kernels
+    for _ in range(2):  # warm-up: allocator, oneDNN kernels, optimizer state
         step()
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -472,25 +528,29 @@ def _cost_worker(cfg: Config, steps: int, queue) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB -> MB (Linux)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    with TensorMemory() as memory:  # one more step, not timed: the accounting slows each op
+        step()
     queue.put(
         {
             "seconds_per_step": seconds / steps,
             "images_per_s": steps * cfg.batch_size / seconds,
-            "peak_memory_mb": peak,
+            "state_mb": state_bytes(task, optimizer) / 2**20,
+            "step_peak_mb": memory.peak / 2**20,
+            "peak_memory_mb": (state_bytes(task, optimizer) + memory.peak) / 2**20,
             "extra_params": count_params(task.loss) if distills else 0,
         }
     )
 
 
 def measure_cost(cfg: Config, steps: int = 20) -> dict:
-    """Seconds per training step, images/s and peak memory of the run ``cfg`` describes.
+    """Seconds per training step, images/s and the memory of the run ``cfg`` describes.
 
-    Measured in a fresh process (so memory is this method's alone): ``steps`` steps after 2
-    warm-up steps; peak memory is the process's peak resident set on the CPU (torch, data and
-    all) or the CUDA allocator's peak on a GPU; ``extra_params`` counts trained adapters.
+    Measured in a fresh process: ``steps`` timed steps after 2 warm-up steps, then one step under
+    ``TensorMemory``. ``state_mb``: what the run keeps between steps (``state_bytes``: student,
+    adapters, teacher, memory banks, optimizer state); ``step_peak_mb``: the most that one step's
+    activations, gradients and temporaries hold at once; ``peak_memory_mb`` their sum. Tensor
+    bytes, not the process's resident set (which the data and the framework dominate);
+    ``extra_params`` counts trained adapters.
     """
     import multiprocessing as mp
 

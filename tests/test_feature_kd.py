@@ -114,3 +114,59 @@ def test_linear_cka_by_construction():
     q, _ = torch.linalg.qr(torch.randn(30, 30, generator=gen))
     assert linear_cka(x, 3 * x @ q) == pytest.approx(1.0, abs=1e-9)  # rotation and scale invariant
     assert linear_cka(x, torch.randn(200, 50, generator=gen)) < 0.3
+
+
+def test_linear_cka_matches_the_centred_feature_formula():
+    from analysis import linear_cka
+
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(50, 7, generator=gen).double(), torch.randn(50, 4, generator=gen).double()
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    hsic = lambda a, b: (a.t() @ b).pow(2).sum()  # noqa: E731  ‖XᵀY‖²_F = tr(K L)
+    expected = hsic(xc, yc) / (hsic(xc, xc) * hsic(yc, yc)).sqrt()
+    assert linear_cka(x, y) == pytest.approx(expected.item(), rel=1e-9)
+
+
+def test_cka_bootstrap_ci_brackets_the_estimate_and_shrinks_with_images():
+    from analysis import cka_bootstrap
+
+    gen = torch.Generator().manual_seed(2)
+    y = torch.randn(200, 20, generator=gen)
+    xs = [y @ torch.randn(20, 20, generator=gen) + torch.randn(200, 20, generator=gen) for _ in range(3)]
+    out = cka_bootstrap(xs, y, n_boot=40)
+    assert len(out["per_x"]) == 3 and out["cka"] == pytest.approx(sum(out["per_x"]) / 3)
+    assert out["ci_low"] < out["cka"] < out["ci_high"]
+    few = cka_bootstrap([x[:40] for x in xs], y[:40], n_boot=40)
+    assert few["ci_high"] - few["ci_low"] > out["ci_high"] - out["ci_low"]
+    same = cka_bootstrap(y, y, n_boot=20)
+    assert same["ci_low"] == pytest.approx(1.0) and same["ci_high"] == pytest.approx(1.0)
+
+
+def test_debiased_cka_is_near_zero_for_independent_features_where_plain_cka_is_not():
+    from analysis import debiased_cka, linear_cka
+
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(100, 50, generator=gen), torch.randn(100, 50, generator=gen)
+    assert linear_cka(x, y) > 0.3  # finite-sample bias: about d / n
+    assert abs(debiased_cka(x, y)) < 0.05
+    assert debiased_cka(x, 2 * x) == pytest.approx(1.0)
+
+
+def test_term_table_shows_each_groups_weighted_terms_at_first_and_last_epoch():
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from analysis import term_table
+
+    def run(ce, feat):
+        history = pd.DataFrame(
+            {"epoch": [1, 2, 3], "train_loss": [ce[0] + feat[0], 0, ce[1] + feat[1]], "train_ce": [ce[0], 0, ce[1]]}
+            | {"train_at": [feat[0], 0, feat[1]], "train_top1": [10, 20, 30], "test_top1": [1, 2, 3]}
+        )
+        return SimpleNamespace(history=history)
+
+    table = term_table({"at": [run((2.0, 1.0), (6.0, 3.0)), run((4.0, 1.0), (8.0, 5.0))]})
+    assert list(table.columns) == ["ce", "at", "loss"]
+    assert table.loc[("at", 1)].tolist() == [3.0, 7.0, 10.0]
+    assert table.loc[("at", 3)].tolist() == [1.0, 4.0, 5.0]

@@ -1,6 +1,7 @@
 """Several students: partitions and budgets, the mutual-learning loss, ensembles, group runs."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 
 import multi_student as ms
 from analysis import group_metrics
+from data_utils import unaugmented
 from model import count_params, create_model, load_checkpoint
 from train_eval import build_optimizer, make_config, make_loaders
 from train_kd import KDLoss
@@ -144,6 +146,24 @@ def test_group_metrics_by_hand():
     assert out["teacher_agreement"] == 75
 
 
+def test_probability_and_logit_averaging_can_disagree():
+    # three members, two classes: one very sure of class 0, two mildly sure of class 1
+    members = [torch.tensor([[5.0, 0.0]]), torch.tensor([[0.0, 2.0]]), torch.tensor([[0.0, 2.0]])]
+    out = group_metrics(members, torch.tensor([1]))
+    # logits average to (5/3, 4/3): class 0; probabilities to (0.993 + 2·0.119)/3 = 0.41 for class 0: class 1
+    assert out["top1"] == 0 and out["top1_prob"] == 100
+
+
+def test_folded_head_reads_standardized_inputs_as_the_original_read_raw_ones():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(6, 3)
+    e = torch.randn(5, 6) * 3 + 1
+    mean, std = e.mean(0), e.std(0)
+    expected = head(e)
+    ms.fold_standardization(head, mean, std)
+    assert torch.allclose(head((e - mean) / std), expected, atol=1e-5)
+
+
 def test_group_models_rebuild_from_their_checkpoints(tmp_path):
     from model import save_checkpoint
 
@@ -206,6 +226,33 @@ def test_specialists_two_stages(smoke_cfg, smoke_teacher):
     assert stage2.history["test_top1"].iloc[-1] > 50
 
 
+def test_specialists_with_standardized_targets_ce_and_probes(smoke_cfg, smoke_teacher):
+    cfg = smoke_cfg(members=2, epochs=2, teacher=smoke_teacher.run_dir, standardize_targets=True, ce_weight=1.0)
+    stage1 = ms.train(replace(cfg, method="partition"), make_task=ms._partition_task, make_student=ms.build_specialists)
+    assert {"train_mse_0", "train_mse_1", "train_ce"} <= set(stage1.history.columns)
+    loader = unaugmented(make_loaders(cfg).train)
+    mean, std = ms.embedding_stats(smoke_teacher.model, loader)
+    teacher_head = smoke_teacher.model.classifier
+    assert torch.allclose(stage1.model.head.weight, teacher_head.weight * std, atol=1e-5)  # folded, frozen
+    assert torch.allclose(stage1.model.head.bias, teacher_head.bias + teacher_head.weight @ mean, atol=1e-5)
+    probes = ms.train_probes(cfg, stage1, head_epochs=1)
+    slices = ms.partition(smoke_teacher.model.embed_dim, 2)
+    for k, probe in enumerate(probes):
+        assert len(probe.model.members) == 1 and probe.model.head.in_features == len(slices[k])
+        for a, b in zip(probe.model.members[0].parameters(), stage1.model.members[k].parameters(), strict=True):
+            assert torch.equal(a, b)  # the member stays as stage 1 left it
+    with pytest.raises(ValueError, match="members 0-1"):
+        ms.train(
+            replace(cfg, method="specialists", init_from=stage1.run_dir, probe_member=2, epochs=1),
+            make_student=ms.build_specialists,
+        )
+
+
+def test_shared_stream_members_see_one_data_stream(smoke_cfg):
+    members = ms.train_ensemble(smoke_cfg(epochs=1), k=2, ensemble_seed=1, shared_stream=True)
+    assert [(r.config.seed, r.config.data_seed) for r in members] == [(2, 1), (3, 1)]
+
+
 def test_ensemble_members_train_separately_and_evaluate_together(smoke_cfg, smoke_teacher):
     cfg = smoke_cfg(method="kd", teacher=smoke_teacher.run_dir, teacher_cache=True)
     members = ms.train_ensemble(cfg, k=2, ensemble_seed=1)
@@ -215,6 +262,7 @@ def test_ensemble_members_train_separately_and_evaluate_together(smoke_cfg, smok
     assert out["members"] == 2 and len(out["member_top1"]) == 2
     assert out["params"] == 2 * count_params(members[0].model)
     assert 0 <= out["disagreement"] <= 100
+    assert 0 <= out["ensemble_top1_prob"] <= 100
 
 
 def test_command_line_picks_the_width_from_the_budget(smoke_cfg, smoke_teacher, capsys):

@@ -134,7 +134,37 @@ def test_torch_compile_path_trains(smoke_cfg):
 
 def test_measure_cost_reports_speed_memory_and_adapters(smoke_cfg):
     teacher = train(smoke_cfg(model="vgg11", width=0.125, epochs=1))
-    cost = train_kd.measure_cost(smoke_cfg(method="fitnet", teacher=teacher.run_dir), steps=3)
+    ce = train_kd.measure_cost(smoke_cfg(), steps=2)
+    cost = train_kd.measure_cost(smoke_cfg(method="fitnet", teacher=teacher.run_dir), steps=2)
     assert cost["seconds_per_step"] > 0 and cost["images_per_s"] > 0
-    assert cost["peak_memory_mb"] > 100  # a whole torch process
-    assert cost["extra_params"] > 0  # the hint regressor
+    assert cost["extra_params"] > 0 and ce["extra_params"] == 0  # the hint regressor
+    # tensor bytes, not the process: the teacher's weights and its activations are visible
+    assert 0 < ce["state_mb"] < cost["state_mb"] < 50
+    assert 0 < ce["step_peak_mb"] < cost["step_peak_mb"]
+    assert cost["peak_memory_mb"] == pytest.approx(cost["state_mb"] + cost["step_peak_mb"])
+
+
+def test_tensor_memory_counts_live_storages_at_their_peak():
+    with train_kd.TensorMemory() as memory:
+        a = torch.empty(1000, 1000)  # 4 MB
+        b = a * 2  # 8 MB live
+        del b  # 4 MB
+        c = a.t() + 1  # the view shares a's storage: 8 MB
+        assert memory.current == 8_000_000
+    assert memory.peak == 8_000_000
+    w = torch.randn(100, 100, requires_grad=True)  # existed before: seen, never counted
+    with train_kd.TensorMemory() as memory:
+        (w @ w).sum().backward()  # the product, then two partial gradients and their sum: 40 kB each
+    assert 2 * 40_000 < memory.peak <= 4 * 40_000
+    assert 40_000 <= memory.current < 41_000  # only w's gradient outlives the step
+    del c
+
+
+def test_state_bytes_counts_the_frozen_teacher_and_optimizer_state():
+    student, teacher = nn.Linear(10, 10), nn.Linear(10, 1000)
+    task = train_kd.Distiller(student, teacher, train_kd.KDLoss(4.0, 0.1, 0.9))
+    opt = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
+    student(torch.randn(2, 10)).sum().backward()
+    opt.step()  # momentum buffers: one per student parameter
+    params = lambda m: sum(p.numel() for p in m.parameters()) * 4  # noqa: E731
+    assert train_kd.state_bytes(task, opt) == 2 * params(student) + params(teacher)
