@@ -44,7 +44,7 @@ from train_eval import (
     register_method,
     train,
 )
-from train_kd import KD_RECIPE, FrozenTeacher, KDLoss, distill, load_teacher, upcast
+from train_kd import KD_RECIPE, FrozenTeacher, KDLoss, load_teacher, run_all, upcast
 
 if __name__ == "__main__":
     # Run as the importable module, then stop: group models and methods register once, as
@@ -393,32 +393,55 @@ def _partition_task(cfg: Config, group: Specialists, train_loader=None) -> Parti
     return PartitionRegression(group, teacher, slices, cfg.teacher_amp == "bf16", ce_weight, stats)
 
 
+def partition_stage(cfg: Config) -> RunResult:
+    """Stage 1 of the specialists (method "partition"): ``cfg.members`` students regress the slices
+    of the teacher's embedding for ``cfg.epochs``. A plain ``run(cfg)``, so ``run_many`` can run many."""
+    return train(replace(cfg, method="partition"), make_task=_partition_task, make_student=build_specialists)
+
+
+def head_stage(cfg: Config) -> RunResult:
+    """Stage 2 (method "specialists"): the stage-1 run ``cfg.init_from``'s members frozen, a linear
+    head (or, with ``cfg.probe_member``, one member's probe) trained with cross-entropy."""
+    return train(replace(cfg, method="specialists"), make_student=build_specialists)
+
+
+def head_config(stage1: Config, stage1_dir: str, head_epochs: int = 10, probe_member: int = -1) -> Config:
+    """The head (or probe) stage's config for the stage-1 run ``stage1`` saved in ``stage1_dir``."""
+    budget = stage1.budget if probe_member < 0 else 0  # a probe is a diagnostic, not a group
+    return replace(
+        stage1, method="specialists", epochs=head_epochs, init_from=stage1_dir, probe_member=probe_member, budget=budget
+    )
+
+
 def train_specialists(cfg: Config, head_epochs: int = 10) -> tuple[RunResult, RunResult]:
-    """Stage 1 (method "partition"): ``cfg.members`` students regress the slices of the teacher's
-    embedding for ``cfg.epochs``. Stage 2 (method "specialists"): they are frozen and the head on
-    their concatenated outputs is trained with cross-entropy for ``head_epochs``."""
-    stage1 = train(replace(cfg, method="partition"), make_task=_partition_task, make_student=build_specialists)
-    stage2_cfg = replace(cfg, method="specialists", epochs=head_epochs, init_from=stage1.run_dir)
-    return stage1, train(stage2_cfg, make_student=build_specialists)
+    """Stage 1 (``partition_stage``), then the head on the frozen members for ``head_epochs``."""
+    stage1 = partition_stage(cfg)
+    return stage1, head_stage(head_config(replace(cfg, method="partition"), stage1.run_dir, head_epochs))
 
 
 def train_probes(cfg: Config, stage1: RunResult, head_epochs: int = 10) -> list[RunResult]:
     """A linear probe per specialist: member k of the stage-1 run, frozen, under its own linear head
     trained with cross-entropy for ``head_epochs`` (how much of the classes each slice carries)."""
-    stage1_cfg = stage1.config
-    probe = replace(stage1_cfg, method="specialists", epochs=head_epochs, init_from=stage1.run_dir, budget=0)
-    return [train(replace(probe, probe_member=k), make_student=build_specialists) for k in range(stage1_cfg.members)]
+    probes = [head_config(stage1.config, stage1.run_dir, head_epochs, k) for k in range(stage1.config.members)]
+    return [head_stage(c) for c in probes]
 
 
-def train_ensemble(cfg: Config, k: int, ensemble_seed: int = 0, shared_stream: bool = False) -> list[RunResult]:
-    """``k`` students trained separately with ``cfg.method`` (e.g. "kd", or "ce": independent),
-    member m with model seed ``ensemble_seed · k + m``. Each member has its own data stream (data
-    seed = model seed) unless ``shared_stream``: then all see the batches, crops and flips of data
-    seed ``ensemble_seed``, as a mutual-learning cohort of seed ``ensemble_seed`` does, which makes
-    them its control. The group is checked against ``cfg.budget``; evaluate it with ``evaluate_group``."""
-    seeds = range(ensemble_seed * k, ensemble_seed * k + k)
+def ensemble_configs(cfg: Config, k: int, ensemble_seed: int = 0, shared_stream: bool = False) -> list[Config]:
+    """The ``k`` member runs of an ensemble: member m has model seed ``ensemble_seed · k + m`` and its
+    own data stream (data seed = model seed), or with ``shared_stream`` the batches, crops and flips
+    of data seed ``ensemble_seed``, the stream a mutual-learning cohort of seed ``ensemble_seed``
+    sees, which makes such a pair its control. The group is checked against ``cfg.budget``."""
     check_budget(ensemble(_num_classes(cfg), cfg.width, cfg.model, k), cfg.budget, f"{k} x {cfg.model} x{cfg.width:g}")
-    return [distill(replace(cfg, members=1, seed=s, data_seed=ensemble_seed if shared_stream else s)) for s in seeds]
+    seeds = range(ensemble_seed * k, ensemble_seed * k + k)
+    return [replace(cfg, members=1, seed=s, data_seed=ensemble_seed if shared_stream else s) for s in seeds]
+
+
+def train_ensemble(
+    cfg: Config, k: int, ensemble_seed: int = 0, shared_stream: bool = False, jobs: int | str = 1
+) -> list[RunResult]:
+    """``k`` students trained separately with ``cfg.method`` (e.g. "kd", or "ce": independent), as
+    ``ensemble_configs`` describes them, ``jobs`` at a time; evaluate them with ``evaluate_group``."""
+    return run_all(ensemble_configs(cfg, k, ensemble_seed, shared_stream), jobs=jobs, desc=f"{k} members")
 
 
 def budget_width(cfg: Config, k: int, method: str = "ensemble") -> float:

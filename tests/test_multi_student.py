@@ -1,7 +1,6 @@
 """Several students: partitions and budgets, the mutual-learning loss, ensembles, group runs."""
 
 import copy
-from dataclasses import replace
 
 import pytest
 import torch
@@ -228,7 +227,7 @@ def test_specialists_two_stages(smoke_cfg, smoke_teacher):
 
 def test_specialists_with_standardized_targets_ce_and_probes(smoke_cfg, smoke_teacher):
     cfg = smoke_cfg(members=2, epochs=2, teacher=smoke_teacher.run_dir, standardize_targets=True, ce_weight=1.0)
-    stage1 = ms.train(replace(cfg, method="partition"), make_task=ms._partition_task, make_student=ms.build_specialists)
+    stage1 = ms.partition_stage(cfg)
     assert {"train_mse_0", "train_mse_1", "train_ce"} <= set(stage1.history.columns)
     loader = unaugmented(make_loaders(cfg).train)
     mean, std = ms.embedding_stats(smoke_teacher.model, loader)
@@ -242,10 +241,7 @@ def test_specialists_with_standardized_targets_ce_and_probes(smoke_cfg, smoke_te
         for a, b in zip(probe.model.members[0].parameters(), stage1.model.members[k].parameters(), strict=True):
             assert torch.equal(a, b)  # the member stays as stage 1 left it
     with pytest.raises(ValueError, match="members 0-1"):
-        ms.train(
-            replace(cfg, method="specialists", init_from=stage1.run_dir, probe_member=2, epochs=1),
-            make_student=ms.build_specialists,
-        )
+        ms.head_stage(ms.head_config(stage1.config, stage1.run_dir, 1, probe_member=2))
 
 
 def test_shared_stream_members_see_one_data_stream(smoke_cfg):
