@@ -530,13 +530,14 @@ def _cost_worker(cfg: Config, steps: int, queue) -> None:
     seconds = time.perf_counter() - t0
     with TensorMemory() as memory:  # one more step, not timed: the accounting slows each op
         step()
+    state = state_bytes(task, optimizer)
     queue.put(
         {
             "seconds_per_step": seconds / steps,
             "images_per_s": steps * cfg.batch_size / seconds,
-            "state_mb": state_bytes(task, optimizer) / 2**20,
+            "state_mb": state / 2**20,
             "step_peak_mb": memory.peak / 2**20,
-            "peak_memory_mb": (state_bytes(task, optimizer) + memory.peak) / 2**20,
+            "peak_memory_mb": (state + memory.peak) / 2**20,
             "extra_params": count_params(task.loss) if distills else 0,
         }
     )
