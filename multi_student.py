@@ -419,7 +419,7 @@ def train_specialists(cfg: Config, head_epochs: int = 10) -> tuple[RunResult, Ru
     return stage1, head_stage(head_config(replace(cfg, method="partition"), stage1.run_dir, head_epochs))
 
 
-def train_probes(cfg: Config, stage1: RunResult, head_epochs: int = 10) -> list[RunResult]:
+def train_probes(stage1: RunResult, head_epochs: int = 10) -> list[RunResult]:
     """A linear probe per specialist: member k of the stage-1 run, frozen, under its own linear head
     trained with cross-entropy for ``head_epochs`` (how much of the classes each slice carries)."""
     probes = [head_config(stage1.config, stage1.run_dir, head_epochs, k) for k in range(stage1.config.members)]

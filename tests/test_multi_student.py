@@ -234,7 +234,7 @@ def test_specialists_with_standardized_targets_ce_and_probes(smoke_cfg, smoke_te
     teacher_head = smoke_teacher.model.classifier
     assert torch.allclose(stage1.model.head.weight, teacher_head.weight * std, atol=1e-5)  # folded, frozen
     assert torch.allclose(stage1.model.head.bias, teacher_head.bias + teacher_head.weight @ mean, atol=1e-5)
-    probes = ms.train_probes(cfg, stage1, head_epochs=1)
+    probes = ms.train_probes(stage1, head_epochs=1)
     slices = ms.partition(smoke_teacher.model.embed_dim, 2)
     for k, probe in enumerate(probes):
         assert len(probe.model.members) == 1 and probe.model.head.in_features == len(slices[k])
