@@ -14,6 +14,7 @@ import inspect
 import itertools
 import json
 import os
+import statistics
 import sys
 import time
 import typing
@@ -57,6 +58,7 @@ from train_eval import (
     run_dir_for,
     run_identity,
     run_name,
+    thread_count,
     train,
 )
 
@@ -502,56 +504,63 @@ def state_bytes(task: nn.Module, optimizer: torch.optim.Optimizer) -> int:
 
 
 def _cost_worker(cfg: Config, steps: int, queue) -> None:
+    with thread_count(cfg.threads):  # the run's own thread count: a cost is per run, as the runs go
+        queue.put(_cost(cfg, steps))
+
+
+def _cost(cfg: Config, steps: int) -> dict:
     train_loader = make_loaders(cfg).train
     train_loader.with_index = METHODS.get(cfg.method).needs_index
     num_classes = data_utils.DATASETS[cfg.dataset].num_classes
     student = create_model(cfg.model, num_classes=num_classes, width=cfg.width)
     distills = METHODS.get(cfg.method).build is not None
     task = build_distiller(cfg, student, train_loader) if distills else Vanilla(student)
+    if distills and cfg.teacher_cache:  # the stored logits replace the teacher's forward, as in ``distill``
+        train_loader = use_teacher_cache(task, train_loader, cfg)
     device = resolve_device(cfg.device)
     task.to(device).train()
     if cfg.channels_last:
         task.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(task, cfg)
     batches = iter(train_loader)
-
     amp = amp_enabled(cfg, device)
 
     def step():
         optimizer_step(task, optimizer, *next(batches), amp=amp)  # (x, y) or (x, y, extras)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
-    for _ in range(2):  # warm-up: allocator, oneDNN kernels, optimizer state
+    for _ in range(2):  # warm-up: allocator, oneDNN kernels, optimizer state, the epoch's cached logits
         step()
-    t0 = time.perf_counter()
+    times = []
     for _ in range(steps):
+        t0 = time.perf_counter()
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - t0
+        times.append(time.perf_counter() - t0)
+    seconds = statistics.median(times)  # robust to a step that another process delayed
     with TensorMemory() as memory:  # one more step, not timed: the accounting slows each op
         step()
     state = state_bytes(task, optimizer)
-    queue.put(
-        {
-            "seconds_per_step": seconds / steps,
-            "images_per_s": steps * cfg.batch_size / seconds,
-            "state_mb": state / 2**20,
-            "step_peak_mb": memory.peak / 2**20,
-            "peak_memory_mb": (state + memory.peak) / 2**20,
-            "extra_params": count_params(task.loss) if distills else 0,
-        }
-    )
+    return {
+        "seconds_per_step": seconds,
+        "images_per_s": cfg.batch_size / seconds,
+        "state_mb": state / 2**20,
+        "step_peak_mb": memory.peak / 2**20,
+        "peak_memory_mb": (state + memory.peak) / 2**20,
+        "extra_params": count_params(task.loss) if distills else 0,
+    }
 
 
 def measure_cost(cfg: Config, steps: int = 20) -> dict:
     """Seconds per training step, images/s and the memory of the run ``cfg`` describes.
 
-    Measured in a fresh process: ``steps`` timed steps after 2 warm-up steps, then one step under
-    ``TensorMemory``. ``state_mb``: what the run keeps between steps (``state_bytes``: student,
-    adapters, teacher, memory banks, optimizer state); ``step_peak_mb``: the most that one step's
-    activations, gradients and temporaries hold at once; ``peak_memory_mb`` their sum. Tensor
-    bytes, not the process's resident set (which the data and the framework dominate);
-    ``extra_params`` counts trained adapters.
+    Measured in a fresh process at the run's ``cfg.threads``, reading the teacher's stored logits
+    where ``cfg.teacher_cache`` says the run would: the median of ``steps`` timed steps after 2
+    warm-up steps, then one step under ``TensorMemory``. ``state_mb``: what the run keeps between
+    steps (``state_bytes``: student, adapters, teacher, memory banks, optimizer state);
+    ``step_peak_mb``: the most that one step's activations, gradients and temporaries hold at
+    once; ``peak_memory_mb`` their sum. Tensor bytes, not the process's resident set (which the
+    data and the framework dominate); ``extra_params`` counts trained adapters.
     """
     import multiprocessing as mp
 

@@ -1,5 +1,6 @@
 """The loop really learns; evaluation is right; the command lines and the demo work."""
 
+import glob
 import os
 import subprocess
 import sys
@@ -142,6 +143,10 @@ def test_measure_cost_reports_speed_memory_and_adapters(smoke_cfg):
     assert 0 < ce["state_mb"] < cost["state_mb"] < 50
     assert 0 < ce["step_peak_mb"] < cost["step_peak_mb"]
     assert cost["peak_memory_mb"] == pytest.approx(cost["state_mb"] + cost["step_peak_mb"])
+    # a run that reads stored teacher logits is measured reading them, not running the teacher
+    cached = smoke_cfg(method="kd", teacher=teacher.run_dir, teacher_cache=True)
+    train_kd.measure_cost(cached, steps=2)
+    assert glob.glob(os.path.join(cached.out_dir, "teacher_cache", "*", "epoch_0000.pt"))
 
 
 def test_tensor_memory_counts_live_storages_at_their_peak():
