@@ -8,6 +8,7 @@ numbers; nothing imports the training code, so results can be analysed without t
     mean_std_table({"kd": runs})     one row per group: n, mean ± 95% CI half-width, std
     compare(kd_runs, ce_runs)        paired by seed: mean difference, 95% CI, p (paired t-test)
     cell_table(sweep_df, ["T"])      a sweep's cells: mean and 95% CI per cell, the pick flagged
+    minutes_alone(run_dirs)          each run's training minutes had it run alone (the cost of a notebook)
     output_stats, reliability_bins, logit_relation, logit_conflicts, top1_agreement, per_sample_kl,
     spearman_rows, expected_calibration_error, conflict_analysis, linear_cka, pairwise_disagreement,
     group_metrics, r_squared         from logits / features
@@ -21,8 +22,10 @@ as the published CIFAR-100 tables do; ``summarize`` says which in ``picked_by``.
 from __future__ import annotations
 
 import itertools
+import json
 import math
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +57,32 @@ def summarize(history: pd.DataFrame) -> dict:
 
 
 ACCURACY_COLUMNS = ("last_top1", "last_top5", "best_top1", "best_top5")
+
+
+# Config fields that say which run it is, not how much work it does.
+RUN_IDENTITY = ("seed", "data_seed", "init_from", "out_dir", "data_dir")
+
+
+def minutes_alone(run_dirs: Iterable[str]) -> pd.Series:
+    """Each run's training minutes had it had its cores to itself, indexed by run folder: its epoch
+    count × the median epoch time over every given run whose config differs from its own only in
+    ``RUN_IDENTITY``.
+
+    A run's measured ``seconds`` read slow over any stretch in which another job shared its cores
+    (a second notebook's execution, a test run). Runs that differ only in seeds do the same work,
+    so the median over all their epochs ignores such stretches as long as most epochs ran alone;
+    a run's own sum would not.
+    """
+    epochs, groups = {}, {}
+    for d in dict.fromkeys(run_dirs):  # each folder once, in order
+        with open(os.path.join(d, "config.json")) as f:
+            cfg = json.load(f)
+        seconds = pd.read_csv(os.path.join(d, "metrics.csv"))["seconds"]
+        key = json.dumps({k: v for k, v in cfg.items() if k not in RUN_IDENTITY}, sort_keys=True)
+        epochs[d] = (key, len(seconds))
+        groups.setdefault(key, []).append(seconds)
+    median = {key: float(pd.concat(s).median()) for key, s in groups.items()}
+    return pd.Series({d: n * median[key] / 60 for d, (key, n) in epochs.items()}, dtype=float)
 
 
 def ci95(values: Sequence[float]) -> float:

@@ -1,5 +1,6 @@
 """The experiment protocol: validation split, published recipes, sweeps, paired statistics."""
 
+import json
 import math
 import os
 import subprocess
@@ -261,6 +262,23 @@ def test_compare_pairs_runs_by_seed_and_says_within_noise():
         analysis.compare(_runs({5: 1.0}), b)
     table = analysis.compare_table({"ce": b, "kd": a}, baseline="ce")
     assert table.loc["kd − ce", "verdict"] == "within noise" and table.loc["kd − ce", "n"] == 3
+
+
+def test_minutes_alone_pools_the_epochs_of_runs_that_differ_only_in_seeds(tmp_path):
+    def run(name, seconds, **cfg):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"method": "ce", "width": 0.25, "out_dir": str(tmp_path), **cfg}))
+        pd.DataFrame({"epoch": range(1, len(seconds) + 1), "seconds": seconds}).to_csv(d / "metrics.csv", index=False)
+        return str(d)
+
+    a0 = run("a0", [10, 10, 10, 40], seed=0, data_seed=0)  # one epoch beside another job
+    a1 = run("a1", [10, 30, 30, 10], seed=1, data_seed=1)
+    b = run("b", [20, 20], seed=0, data_seed=0, width=0.5)  # other work: never pooled with a0, a1
+    # pooled epochs of a: 10 10 10 10 10 30 30 40, median 10 s; 4 epochs each: 40 s (their sums: 70 s, 80 s)
+    minutes = analysis.minutes_alone([a0, a1, b, a0])
+    assert list(minutes.index) == [a0, a1, b]  # a folder given twice counts once
+    assert minutes.tolist() == pytest.approx([40 / 60, 40 / 60, 40 / 60])
 
 
 def test_mean_std_table_shows_n_and_the_confidence_interval():
