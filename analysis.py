@@ -64,25 +64,31 @@ RUN_IDENTITY = ("seed", "data_seed", "init_from", "out_dir", "data_dir")
 
 
 def minutes_alone(run_dirs: Iterable[str]) -> pd.Series:
-    """Each run's training minutes had it had its cores to itself, indexed by run folder: its epoch
-    count × the median epoch time over every given run whose config differs from its own only in
-    ``RUN_IDENTITY``.
+    """Each run's training minutes had it had its cores to itself, indexed by run folder.
 
-    A run's measured ``seconds`` read slow over any stretch in which another job shared its cores
-    (a second notebook's execution, a test run). Runs that differ only in seeds do the same work,
-    so the median over all their epochs ignores such stretches as long as most epochs ran alone;
-    a run's own sum would not.
+    A CPU epoch counts its CPU time per thread (``cpu_seconds / threads``), which, unlike its wall
+    time ``seconds``, does not grow while another job shares the cores (a second notebook's
+    execution, a test run). An epoch without it (older runs, GPU runs) counts the median
+    ``seconds`` over every epoch of the given runs whose config differs from its run's only in
+    ``RUN_IDENTITY``: runs that differ only in seeds do the same work, so that median ignores
+    stretches in which the cores were shared, as long as most epochs ran alone.
     """
-    epochs, groups = {}, {}
+    runs, pooled = {}, {}
     for d in dict.fromkeys(run_dirs):  # each folder once, in order
         with open(os.path.join(d, "config.json")) as f:
             cfg = json.load(f)
-        seconds = pd.read_csv(os.path.join(d, "metrics.csv"))["seconds"]
+        m = pd.read_csv(os.path.join(d, "metrics.csv"))
         key = json.dumps({k: v for k, v in cfg.items() if k not in RUN_IDENTITY}, sort_keys=True)
-        epochs[d] = (key, len(seconds))
-        groups.setdefault(key, []).append(seconds)
-    median = {key: float(pd.concat(s).median()) for key, s in groups.items()}
-    return pd.Series({d: n * median[key] / 60 for d, (key, n) in epochs.items()}, dtype=float)
+        runs[d] = (key, m)
+        pooled.setdefault(key, []).append(m["seconds"])
+    median = {key: float(pd.concat(s).median()) for key, s in pooled.items()}
+    out = {}
+    for d, (key, m) in runs.items():
+        per_thread = (
+            m["cpu_seconds"] / m["threads"] if {"cpu_seconds", "threads"} <= set(m) else m["seconds"] * math.nan
+        )
+        out[d] = per_thread.where(m.get("threads", 0) > 0).fillna(median[key]).sum() / 60  # threads 0: a GPU run
+    return pd.Series(out, dtype=float)
 
 
 def ci95(values: Sequence[float]) -> float:

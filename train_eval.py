@@ -6,7 +6,7 @@ plain model (wrapped in ``Vanilla``), a ``train_kd.Distiller``, a cohort of stud
 every epoch (the task's own ``test_metrics`` if it has them) and writes a run folder:
 
     runs/<name>/config.json     the Config of the run
-    runs/<name>/metrics.csv     one row per epoch (train terms, accuracy, test loss/top-1/top-5, lr, time)
+    runs/<name>/metrics.csv     one row per epoch (train terms, accuracy, test loss/top-1/top-5, lr, wall and CPU time)
     runs/<name>/checkpoint.pt   last epoch: weights, architecture, config, metrics, optimizer state
 
 An interrupted run resumes from its checkpoint; a finished one is reused, not retrained.
@@ -808,6 +808,10 @@ def _progress(total: int, desc: str, initial: int):
     return tqdm(total=total, desc=desc, initial=initial, unit="epoch", leave=True)
 
 
+# The columns of a history that differ between two runs of one config: how long, not what, it trained.
+TIMING_COLUMNS = ["seconds", "cpu_seconds", "train_images_per_s"]
+
+
 def fit(
     module: nn.Module,
     train_loader,
@@ -853,7 +857,7 @@ def fit(
     step = _wrap_for_training(task, device, cfg, world)
     bar = _progress(cfg.epochs, run_name(cfg) if run_dir else "train", start)
     for epoch in range(start, cfg.epochs):
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         train_loader.set_epoch(epoch)
         if hasattr(task, "set_epoch"):  # e.g. a loss with a warm-up (DKD)
             task.set_epoch(epoch)
@@ -866,6 +870,8 @@ def fit(
         test = test_metrics(task, test_loader, amp)
         row.update({f"test_{k}": v for k, v in test.items()})
         row["seconds"] = time.perf_counter() - t0
+        # CPU time of all this process's threads: unlike ``seconds``, it does not grow while other jobs share the cores
+        row["cpu_seconds"] = time.process_time() - cpu0
         row["threads"] = torch.get_num_threads() if device.type == "cpu" else 0
         _check_finite(row, epoch, history)
         scheduler.step()

@@ -6,9 +6,7 @@ import pytest
 import torch
 
 from model import create_model, load_checkpoint, read_checkpoint, save_checkpoint
-from train_eval import fit, make_loaders, run_dir_for
-
-TIMING = ["seconds", "train_images_per_s"]
+from train_eval import TIMING_COLUMNS, fit, make_loaders, run_dir_for
 
 
 def test_round_trip_rebuilds_model_without_its_name(tmp_path, smoke_cfg):
@@ -56,7 +54,7 @@ def test_interrupted_run_resumes_to_identical_weights_and_metrics(smoke_cfg, tmp
     assert b["epoch"] == 4
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
-    assert full.drop(columns=TIMING).equals(resumed.drop(columns=TIMING))
+    assert full.drop(columns=TIMING_COLUMNS).equals(resumed.drop(columns=TIMING_COLUMNS))
     assert resumed["lr"].tolist() == pytest.approx([0.05, 0.05, 0.005, 0.005])
 
 

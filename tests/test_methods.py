@@ -15,7 +15,7 @@ import data_utils
 import train_eval
 from feature_kd import ATLoss, CRDLoss, HintLoss, PKTLoss, RKDLoss, SPLoss, nce_loss
 from model import create_model, read_checkpoint
-from train_eval import METHODS, load_history, make_config, run_identity
+from train_eval import METHODS, TIMING_COLUMNS, load_history, make_config, run_identity
 from train_kd import Distiller, DKDLoss, distill, dkd_terms, kd_loss
 
 # ----------------------------------------------------------------------------- DKD
@@ -255,8 +255,9 @@ def test_interrupted_crd_run_resumes_bit_identically(smoke_cfg, smoke_teacher, t
     straight = run(tmp_path / "a")
     assert run(tmp_path / "b", stop_after=0) is None
     resumed = run(tmp_path / "b")
-    timing = ["seconds", "train_images_per_s"]
-    pd.testing.assert_frame_equal(straight.history.drop(columns=timing), resumed.history.drop(columns=timing))
+    pd.testing.assert_frame_equal(
+        straight.history.drop(columns=TIMING_COLUMNS), resumed.history.drop(columns=TIMING_COLUMNS)
+    )
     for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     bank = read_checkpoint(resumed.run_dir)["train_state"]["task"]

@@ -54,8 +54,14 @@ def test_students_subset_never_sees_validation_images(synthetic_dir):
 def test_metrics_have_validation_columns_and_best_epoch_is_picked_on_validation(smoke_cfg):
     result = train(smoke_cfg(epochs=2))
     history = load_history(result.run_dir)
-    assert {"val_loss", "val_top1", "val_top5", "test_top1", "threads"} <= set(history.columns)
-    assert len(history) == 2
+    assert {"val_loss", "val_top1", "val_top5", "test_top1", "threads", "seconds", "cpu_seconds"} <= set(
+        history.columns
+    )
+    assert len(history) == 2 and (history["cpu_seconds"] > 0).all()
+    # minutes_alone reads the CPU time of such a run: one CPU's seconds per thread, never its wall time
+    assert analysis.minutes_alone([result.run_dir]).iloc[0] * 60 == pytest.approx(
+        (history["cpu_seconds"] / history["threads"]).sum()
+    )
     fake = pd.DataFrame(
         {"epoch": [1, 2, 3], "val_top1": [50, 70, 60], "test_top1": [55, 60, 80], "test_top5": [90, 91, 95]}
         | {"seconds": [1, 1, 1]}
@@ -264,21 +270,32 @@ def test_compare_pairs_runs_by_seed_and_says_within_noise():
     assert table.loc["kd − ce", "verdict"] == "within noise" and table.loc["kd − ce", "n"] == 3
 
 
-def test_minutes_alone_pools_the_epochs_of_runs_that_differ_only_in_seeds(tmp_path):
-    def run(name, seconds, **cfg):
-        d = tmp_path / name
-        d.mkdir()
-        (d / "config.json").write_text(json.dumps({"method": "ce", "width": 0.25, "out_dir": str(tmp_path), **cfg}))
-        pd.DataFrame({"epoch": range(1, len(seconds) + 1), "seconds": seconds}).to_csv(d / "metrics.csv", index=False)
-        return str(d)
+def _timed_run(path, seconds, metrics=None, **cfg):
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"method": "ce", "width": 0.25, "out_dir": str(path.parent), **cfg}))
+    history = {"epoch": range(1, len(seconds) + 1), "seconds": seconds, "threads": 1, **(metrics or {})}
+    pd.DataFrame(history).to_csv(path / "metrics.csv", index=False)
+    return str(path)
 
-    a0 = run("a0", [10, 10, 10, 40], seed=0, data_seed=0)  # one epoch beside another job
-    a1 = run("a1", [10, 30, 30, 10], seed=1, data_seed=1)
-    b = run("b", [20, 20], seed=0, data_seed=0, width=0.5)  # other work: never pooled with a0, a1
+
+def test_minutes_alone_pools_the_epochs_of_runs_that_differ_only_in_seeds(tmp_path):
+    a0 = _timed_run(tmp_path / "a0", [10, 10, 10, 40], seed=0, data_seed=0)  # one epoch beside another job
+    a1 = _timed_run(tmp_path / "a1", [10, 30, 30, 10], seed=1, data_seed=1)
+    b = _timed_run(tmp_path / "b", [20, 20], seed=0, data_seed=0, width=0.5)  # other work: never pooled with a
     # pooled epochs of a: 10 10 10 10 10 30 30 40, median 10 s; 4 epochs each: 40 s (their sums: 70 s, 80 s)
     minutes = analysis.minutes_alone([a0, a1, b, a0])
     assert list(minutes.index) == [a0, a1, b]  # a folder given twice counts once
     assert minutes.tolist() == pytest.approx([40 / 60, 40 / 60, 40 / 60])
+
+
+def test_minutes_alone_counts_cpu_time_per_thread_where_the_epochs_have_it(tmp_path):
+    cpu = {"cpu_seconds": [float("nan"), 9, 20], "threads": [1, 1, 2]}  # resumed: its first epoch has no CPU time
+    c = _timed_run(tmp_path / "c", [12, 30, 30], cpu)  # wall time inflated by a job beside it
+    gpu = _timed_run(tmp_path / "gpu", [5, 7, 6], {"cpu_seconds": [1, 1, 1], "threads": 0}, seed=1)
+    minutes = analysis.minutes_alone([c, gpu])
+    # c: epoch 1 the pooled median wall time of c and gpu's config (their 6 epochs: median 9.5 s), then 9 s, 20 s / 2
+    assert minutes[c] == pytest.approx((9.5 + 9 + 10) / 60)
+    assert minutes[gpu] == pytest.approx(3 * 9.5 / 60)  # a GPU run's CPU time says nothing of its speed
 
 
 def test_mean_std_table_shows_n_and_the_confidence_interval():
