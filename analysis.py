@@ -68,10 +68,10 @@ def minutes_alone(run_dirs: Iterable[str]) -> pd.Series:
 
     A CPU epoch counts its CPU time per thread (``cpu_seconds / threads``), which, unlike its wall
     time ``seconds``, does not grow while another job shares the cores (a second notebook's
-    execution, a test run). An epoch without it (older runs, GPU runs) counts the median
-    ``seconds`` over every epoch of the given runs whose config differs from its run's only in
-    ``RUN_IDENTITY``: runs that differ only in seeds do the same work, so that median ignores
-    stretches in which the cores were shared, as long as most epochs ran alone.
+    execution, a test run). An epoch without it (older runs, GPU runs) counts the median, over the
+    given runs whose config differs from its run's only in ``RUN_IDENTITY``, of each run's median
+    epoch ``seconds``: runs that differ only in seeds do the same work, so that median ignores the
+    runs that shared the cores for most of their epochs, as long as most runs did not.
     """
     runs, pooled = {}, {}
     for d in dict.fromkeys(run_dirs):  # each folder once, in order
@@ -80,8 +80,8 @@ def minutes_alone(run_dirs: Iterable[str]) -> pd.Series:
         m = pd.read_csv(os.path.join(d, "metrics.csv"))
         key = json.dumps({k: v for k, v in cfg.items() if k not in RUN_IDENTITY}, sort_keys=True)
         runs[d] = (key, m)
-        pooled.setdefault(key, []).append(m["seconds"])
-    median = {key: float(pd.concat(s).median()) for key, s in pooled.items()}
+        pooled.setdefault(key, []).append(m["seconds"].median())
+    median = {key: float(np.median(s)) for key, s in pooled.items()}
     out = {}
     for d, (key, m) in runs.items():
         per_thread = (

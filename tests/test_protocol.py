@@ -278,24 +278,24 @@ def _timed_run(path, seconds, metrics=None, **cfg):
     return str(path)
 
 
-def test_minutes_alone_pools_the_epochs_of_runs_that_differ_only_in_seeds(tmp_path):
+def test_minutes_alone_pools_the_runs_that_differ_only_in_seeds(tmp_path):
     a0 = _timed_run(tmp_path / "a0", [10, 10, 10, 40], seed=0, data_seed=0)  # one epoch beside another job
-    a1 = _timed_run(tmp_path / "a1", [10, 30, 30, 10], seed=1, data_seed=1)
+    a1 = _timed_run(tmp_path / "a1", [10, 10, 30, 10], seed=1, data_seed=1)
+    a2 = _timed_run(tmp_path / "a2", [30, 30, 30, 30], seed=2, data_seed=2)  # beside another job throughout
     b = _timed_run(tmp_path / "b", [20, 20], seed=0, data_seed=0, width=0.5)  # other work: never pooled with a
-    # pooled epochs of a: 10 10 10 10 10 30 30 40, median 10 s; 4 epochs each: 40 s (their sums: 70 s, 80 s)
-    minutes = analysis.minutes_alone([a0, a1, b, a0])
-    assert list(minutes.index) == [a0, a1, b]  # a folder given twice counts once
-    assert minutes.tolist() == pytest.approx([40 / 60, 40 / 60, 40 / 60])
+    # the a runs' median epochs: 10, 10, 30 s, their median 10 s; 4 epochs each: 40 s (their sums: 70, 60, 120 s)
+    minutes = analysis.minutes_alone([a0, a1, a2, b, a0])
+    assert list(minutes.index) == [a0, a1, a2, b]  # a folder given twice counts once
+    assert minutes.tolist() == pytest.approx([40 / 60, 40 / 60, 40 / 60, 40 / 60])
 
 
 def test_minutes_alone_counts_cpu_time_per_thread_where_the_epochs_have_it(tmp_path):
     cpu = {"cpu_seconds": [float("nan"), 9, 20], "threads": [1, 1, 2]}  # resumed: its first epoch has no CPU time
     c = _timed_run(tmp_path / "c", [12, 30, 30], cpu)  # wall time inflated by a job beside it
-    gpu = _timed_run(tmp_path / "gpu", [5, 7, 6], {"cpu_seconds": [1, 1, 1], "threads": 0}, seed=1)
+    gpu = _timed_run(tmp_path / "gpu", [5, 7, 6], {"cpu_seconds": [1, 1, 1], "threads": 0}, device="cuda")
     minutes = analysis.minutes_alone([c, gpu])
-    # c: epoch 1 the pooled median wall time of c and gpu's config (their 6 epochs: median 9.5 s), then 9 s, 20 s / 2
-    assert minutes[c] == pytest.approx((9.5 + 9 + 10) / 60)
-    assert minutes[gpu] == pytest.approx(3 * 9.5 / 60)  # a GPU run's CPU time says nothing of its speed
+    assert minutes[c] == pytest.approx((30 + 9 + 20 / 2) / 60)  # epoch 1: its median epoch (no other seed)
+    assert minutes[gpu] == pytest.approx(3 * 6 / 60)  # a GPU run's CPU time says nothing of its speed
 
 
 def test_mean_std_table_shows_n_and_the_confidence_interval():
