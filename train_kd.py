@@ -577,9 +577,11 @@ def measure_cost(cfg: Config, steps: int = 20) -> dict:
 
 
 def default_jobs(threads: int) -> int:
-    """Worker processes that fill this machine's cores at ``threads`` threads each."""
+    """Worker processes that fill this machine's cores at ``threads`` threads each (0: torch's
+    default, which takes every core, so one worker: two would oversubscribe the cores, and
+    OpenMP threads waiting for a descheduled peer slow each run many times over)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // max(1, threads))
+    return max(1, cores // (threads or cores))
 
 
 def _run_in_worker(run, cfg: Config) -> dict:

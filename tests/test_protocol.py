@@ -159,6 +159,12 @@ def test_sweep_results_do_not_depend_on_workers_and_finished_runs_are_reused(smo
     pd.testing.assert_frame_equal(again[cols], one[cols])
 
 
+def test_auto_jobs_never_oversubscribe_the_cores(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    assert [train_kd.default_jobs(t) for t in (1, 2, 3, 4, 8)] == [4, 2, 1, 1, 1]
+    assert train_kd.default_jobs(0) == 1  # torch's default threads take every core: one run at a time
+
+
 def fail_on_seed_1(cfg):
     """A run function whose seed-1 runs crash (module level: a spawned worker imports it)."""
     if cfg.seed == 1:
