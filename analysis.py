@@ -70,9 +70,10 @@ def minutes_alone(run_dirs: Iterable[str]) -> pd.Series:
     time ``seconds``, barely grows while another job shares the cores (a second notebook's
     execution, a test run): about +12% with three 1-thread jobs on one core, against 3.4x wall.
     An epoch without it (older runs, GPU runs) counts the median, over the given runs whose config
-    differs from its run's only in ``RUN_IDENTITY``, of each run's median epoch ``seconds``: runs
-    that differ only in seeds do the same work, so that median ignores the runs that shared the
-    cores for most of their epochs, as long as most runs did not.
+    differs from its run's only in ``RUN_IDENTITY``, of each run's median epoch estimate (its CPU
+    time per thread where it has one, else its ``seconds``): runs that differ only in seeds do the
+    same work, so that median ignores the runs that shared the cores for most of their epochs, as
+    long as most runs did not or have CPU times.
     """
     runs, pooled = {}, {}
     for d in dict.fromkeys(run_dirs):  # each folder once, in order
@@ -80,16 +81,15 @@ def minutes_alone(run_dirs: Iterable[str]) -> pd.Series:
             cfg = json.load(f)
         m = pd.read_csv(os.path.join(d, "metrics.csv"))
         key = json.dumps({k: v for k, v in cfg.items() if k not in RUN_IDENTITY}, sort_keys=True)
-        runs[d] = (key, m)
-        pooled.setdefault(key, []).append(m["seconds"].median())
-    median = {key: float(np.median(s)) for key, s in pooled.items()}
-    out = {}
-    for d, (key, m) in runs.items():
         per_thread = (
             m["cpu_seconds"] / m["threads"] if {"cpu_seconds", "threads"} <= set(m) else m["seconds"] * math.nan
-        )
-        out[d] = per_thread.where(m.get("threads", 0) > 0).fillna(median[key]).sum() / 60  # threads 0: a GPU run
-    return pd.Series(out, dtype=float)
+        ).where(m.get("threads", 0) > 0)  # threads 0: a GPU run, whose CPU time says nothing of its speed
+        runs[d] = (key, per_thread)
+        pooled.setdefault(key, []).append(per_thread.fillna(m["seconds"]).median())
+    median = {key: float(np.median(s)) for key, s in pooled.items()}
+    return pd.Series(
+        {d: per_thread.fillna(median[key]).sum() / 60 for d, (key, per_thread) in runs.items()}, dtype=float
+    )
 
 
 def ci95(values: Sequence[float]) -> float:

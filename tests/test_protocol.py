@@ -300,8 +300,17 @@ def test_minutes_alone_counts_cpu_time_per_thread_where_the_epochs_have_it(tmp_p
     c = _timed_run(tmp_path / "c", [12, 30, 30], cpu)  # wall time inflated by a job beside it
     gpu = _timed_run(tmp_path / "gpu", [5, 7, 6], {"cpu_seconds": [1, 1, 1], "threads": 0}, device="cuda")
     minutes = analysis.minutes_alone([c, gpu])
-    assert minutes[c] == pytest.approx((30 + 9 + 20 / 2) / 60)  # epoch 1: its median epoch (no other seed)
+    assert minutes[c] == pytest.approx((10 + 9 + 20 / 2) / 60)  # epoch 1: the median of 12 (wall), 9, 10
     assert minutes[gpu] == pytest.approx(3 * 6 / 60)  # a GPU run's CPU time says nothing of its speed
+
+
+def test_minutes_alone_pools_the_cpu_time_of_newer_runs_for_older_ones(tmp_path):
+    # an older run (no CPU time) and two newer ones, all three beside another job: wall 30 s an epoch
+    old = _timed_run(tmp_path / "old", [30, 30], seed=0)
+    new = [_timed_run(tmp_path / f"n{s}", [30, 30], {"cpu_seconds": [c, c]}, seed=s) for s, c in ((1, 10), (2, 11))]
+    minutes = analysis.minutes_alone([old, *new])
+    assert minutes[old] == pytest.approx(2 * 11 / 60)  # the median of the runs' 30, 10 and 11 s epochs
+    assert minutes[new[0]] == pytest.approx(2 * 10 / 60)
 
 
 def test_mean_std_table_shows_n_and_the_confidence_interval():
