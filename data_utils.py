@@ -155,17 +155,93 @@ def is_generated(name: str, root: str) -> bool:
     return os.path.isfile(os.path.join(find_dataset_dir(name, root), GENERATED_MARK))
 
 
+def _remedy(path: str) -> str:
+    """What to do about a bad file: both ways of making the folder skip one that is already there."""
+    return (
+        f"Re-create the data folder: delete {os.path.dirname(os.path.abspath(path))} and run again with "
+        "--download, or run python ../shared/data/prepare_cifar10.py <data dir> (both keep an existing folder)."
+    )
+
+
 def _read_pickle(path: str) -> dict:
     """One of the official pickles. They are the data set's own format and must be unpickled:
     read them only from a data folder you trust (the README's security note)."""
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
+            entry = pickle.load(f, encoding="latin1")
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as err:
         raise ValueError(
             f"cannot read {path} ({type(err).__name__}: {err}): the file is truncated or not a CIFAR pickle. "
-            "Re-create the data folder (--download, or python ../shared/data/prepare_cifar10.py <data dir>)."
+            + _remedy(path)
         ) from err
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path} holds a {type(entry).__name__}, not a CIFAR dictionary. " + _remedy(path))
+    return entry
+
+
+def _describe(x) -> str:
+    """An entry as a message shows it: dtype and shape of an array, the type of anything else."""
+    if isinstance(x, np.ndarray):
+        return f"{x.dtype} array of shape {x.shape}"
+    return f"{type(x).__name__}" + (f" of length {len(x)}" if hasattr(x, "__len__") else "")
+
+
+def _check_batch(entry: dict, path: str, spec: CifarSpec, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A batch's ``(images uint8 (N, 3, 32, 32), labels int64 (N,))``, refused unless it is in the
+    official layout: ``data`` a uint8 array (N, 3072), each row 1024 red, then 1024 green, then 1024
+    blue values; ``spec.label_key`` N integers in [0, num_classes). Cheap: a few vectorised passes.
+
+    Anything else (images stored (N, 32, 32, 3), which would train on scrambled pixels; floats in
+    [0, 1], which would train on near-black ones; labels out of range) is a ValueError naming the
+    file, what it holds, what is expected and what to do.
+    """
+    for key in ("data", spec.label_key):
+        if key not in entry:
+            raise ValueError(
+                f"{path} has no {key!r} entry (keys: {sorted(map(str, entry))}): not a {name} batch. " + _remedy(path)
+            )
+    data = entry["data"]
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
+        hint = ""
+        if isinstance(data, np.ndarray):
+            if data.shape[1:] == (32, 32, 3):
+                hint = " (images stored height x width x channel: read as CIFAR rows their pixels would be scrambled)"
+            elif data.shape[1:] == (3, 32, 32):
+                hint = " (images not flattened into rows)"
+            if np.issubdtype(data.dtype, np.floating):
+                lo, hi = (float(data.min()), float(data.max())) if data.size else (0.0, 0.0)
+                hint += f" (floats in [{lo:.3g}, {hi:.3g}], not bytes 0..255"
+                hint += ": cast to bytes they would be near-black pixels)" if hi <= 1 else ")"
+        raise ValueError(
+            f"{path}: 'data' is a {_describe(data)}{hint}; expected a uint8 array of shape (N, 3072), the official "
+            "layout (each row 1024 red, then 1024 green, then 1024 blue values, 0..255). " + _remedy(path)
+        )
+    raw = entry[spec.label_key]
+    try:
+        labels = np.asarray(raw)
+    except ValueError:  # ragged nested lists
+        labels = np.asarray(raw, dtype=object)
+    if labels.size == 0 and labels.ndim == 1:
+        labels = labels.astype(np.int64)  # an empty list reads as float64
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"{path}: {spec.label_key!r} is a {type(raw).__name__} of {labels.dtype} values with shape "
+            f"{labels.shape}; expected a list of N integer class indices in 0..{spec.num_classes - 1}. " + _remedy(path)
+        )
+    if len(labels) != len(data):
+        raise ValueError(
+            f"{path} holds {len(data)} images but {len(labels)} labels in {spec.label_key!r}; expected one label "
+            "per image. " + _remedy(path)
+        )
+    bad = (labels < 0) | (labels >= spec.num_classes)
+    if bad.any():
+        i = int(bad.argmax())
+        raise ValueError(
+            f"{path}: label {int(labels[i])} at index {i} of {spec.label_key!r} is outside the valid range "
+            f"0..{spec.num_classes - 1} ({name} has {spec.num_classes} classes; {int(bad.sum())} of {len(labels)} "
+            "labels are out of range). " + _remedy(path)
+        )
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64, copy=False)
 
 
 def data_digest(name: str, root: str) -> str:
@@ -195,30 +271,32 @@ def load_cifar(name: str, root: str, train: bool, download: bool = False) -> tup
     """One split as ``(images uint8 (N, 3, 32, 32), labels int64 (N,))``, read from the pickles.
 
     The md5 check of torchvision is skipped on purpose: regenerated copies (like the
-    project machines' JPEG-derived CIFAR-10) are valid data with different bytes.
+    project machines' JPEG-derived CIFAR-10) are valid data with different bytes. Instead every
+    file is checked on read (layout, dtype, label range; ``_check_batch``), with the file named.
     """
     spec = _spec(name)
     folder = download_cifar(name, root) if download else find_dataset_dir(name, root)
     images, labels = [], []
     for fname in spec.train_files if train else spec.test_files:
         path = os.path.join(folder, fname)
-        entry = _read_pickle(path)
-        try:
-            images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.append(np.asarray(entry[spec.label_key], dtype=np.int64))
-        except (KeyError, ValueError) as err:
-            raise ValueError(
-                f"{path} is not a {name} batch ({type(err).__name__}: {err}); re-create the data folder"
-            ) from err
-        if len(images[-1]) != len(labels[-1]):
-            raise ValueError(f"{path} holds {len(images[-1])} images but {len(labels[-1])} labels; re-create it")
+        x, y = _check_batch(_read_pickle(path), path, spec, name)
+        images.append(x)
+        labels.append(y)
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
 
 def class_names(name: str, root: str) -> list[str]:
     spec = _spec(name)
-    meta = _read_pickle(os.path.join(find_dataset_dir(name, root), spec.meta_file))
-    return list(meta[spec.names_key])
+    path = os.path.join(find_dataset_dir(name, root), spec.meta_file)
+    meta = _read_pickle(path)
+    names = meta.get(spec.names_key)
+    if isinstance(names, (str, bytes)) or not hasattr(names, "__len__") or len(names) != spec.num_classes:
+        found = f"is a {_describe(names)}" if spec.names_key in meta else f"is missing (keys: {sorted(map(str, meta))})"
+        raise ValueError(
+            f"{path}: {spec.names_key!r} {found}; expected the {spec.num_classes} class names of {name}. "
+            + _remedy(path)
+        )
+    return list(names)
 
 
 # ----------------------------------------------------------------------------- synthetic data

@@ -1,79 +1,23 @@
-"""Model registry, checkpoints that rebuild their own model, parameter/FLOP counts.
+"""Model registry, group models, parameter/FLOP counts and budgets.
 
 model = create_model("vgg8", num_classes=10, width=0.25)
-save_checkpoint("runs/x/checkpoint.pt", model, config=cfg, metrics=history)
-model, ckpt = load_checkpoint("runs/x")      # the name and sizes come from the file
+count_params(model), count_flops(model)
+
+Checkpoints (save, read, rebuild) live in ``checkpoints.py``; their functions are importable from
+here too (``from model import load_checkpoint``).
 """
 
 from __future__ import annotations
 
-import collections
 import functools
-import hashlib
-import os
-import pickle
-import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, is_dataclass
 
 import torch
 from torch import nn
 
 import vgg
-
-
-class UnknownNameError(KeyError):
-    """A KeyError whose message prints as written (KeyError would quote it)."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-def definition(entry) -> tuple:
-    """Where an entry was written (file, name, line): the same code imported under two module
-    names (a script run as ``__main__``, or re-imported by a spawned worker as ``__mp_main__``)
-    gives the same key, so registering it again is not a clash."""
-    if isinstance(entry, functools.partial):
-        return (*definition(entry.func), entry.args, tuple(sorted(entry.keywords.items())))
-    if is_dataclass(entry):
-        return tuple(definition(v) if callable(v) else v for v in vars(entry).values() if not isinstance(v, dict)) + (
-            tuple(sorted((k, repr(v)) for d in vars(entry).values() if isinstance(d, dict) for k, v in d.items())),
-        )
-    code = getattr(entry, "__code__", None)
-    if code is None:
-        return (repr(entry),)
-    return (code.co_filename, entry.__qualname__, code.co_firstlineno)
-
-
-class Registry(dict):
-    """Name -> builder, filled by a decorator; a lookup miss lists what is registered."""
-
-    def __init__(self, kind: str, on_miss: Callable[[], None] | None = None):
-        super().__init__()
-        self.kind = kind
-        self.on_miss = on_miss  # e.g. import modules that register more entries
-
-    def register(self, name: str):
-        def add(fn):
-            if name in self and definition(self[name]) != definition(fn):
-                raise ValueError(f"{self.kind} {name!r} is already registered")
-            self[name] = fn  # the same definition again (its file imported twice) just replaces it
-            return fn
-
-        return add
-
-    def names(self) -> list[str]:
-        if self.on_miss:
-            self.on_miss()
-        return list(self)
-
-    def get(self, name: str):
-        if name not in self and self.on_miss:
-            self.on_miss()
-        if name not in self:
-            raise UnknownNameError(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names())}")
-        return self[name]
-
+from exports import moved
+from registry import Registry, UnknownNameError  # noqa: F401  (UnknownNameError: importable from here)
 
 MODELS = Registry("model")
 register_model = MODELS.register  # decorator: @register_model("name") on fn(num_classes=..., width=...)
@@ -173,238 +117,6 @@ def specialists(
     return Specialists(members, num_classes, frozen)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def remove_stale_temporaries(folder: str) -> None:
-    """Delete ``.tmp-*`` files a killed writer left in a run folder (call before writing to it)."""
-    for name in os.listdir(folder) if os.path.isdir(folder) else ():
-        if name.startswith(".tmp-") or ".tmp-" in name:
-            os.remove(os.path.join(folder, name))
-
-
-def atomic_save(obj, path: str) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: never a torn file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; a shared teacher must stay readable
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _plain(value):
-    if is_dataclass(value):
-        return asdict(value)
-    if hasattr(value, "to_dict"):  # a pandas DataFrame of per-epoch metrics
-        return value.to_dict(orient="records")
-    return value
-
-
-def save_checkpoint(path: str, model: nn.Module, *, config=None, metrics=None, **extra) -> None:
-    """Weights + architecture + config + metrics (+ anything in ``extra``), written atomically."""
-    if not hasattr(model, "arch"):
-        raise ValueError("model has no .arch; build it with model.create_model so it can be rebuilt")
-    state = {
-        "arch": dict(model.arch),
-        "model": model.state_dict(),
-        "config": _plain(config),
-        "metrics": _plain(metrics),
-        **extra,
-    }
-    atomic_save(state, path)
-
-
-def resolve_checkpoint(path: str) -> str:
-    """Accept a checkpoint file, a run folder holding ``checkpoint.pt``, or ``hub:<name>`` (``HUB_URLS``)."""
-    if path.startswith("hub:"):
-        return hub_checkpoint(path[len("hub:") :])
-    candidate = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
-    if not os.path.isfile(candidate):
-        raise FileNotFoundError(
-            f"no checkpoint at {os.path.abspath(candidate)}; pass a run folder (runs/<name>), a .pt file "
-            "(this project's, RepDistiller/mdistiller's, or a VGG state_dict), or hub:<name>"
-        )
-    return candidate
-
-
-def state_digest(state: dict) -> str:
-    """Content hash of a state dict (names and tensor bytes): what identifies a teacher's weights."""
-    digest = hashlib.sha1()
-    for name, tensor in sorted(state.items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def read_checkpoint(path: str, map_location="cpu") -> dict:
-    """The checkpoint's contents, unpickled with ``weights_only=True``: tensors and plain values
-    only, so no code in the file ever runs. Another codebase's file comes back as this project's
-    (``foreign_checkpoint``): ``arch`` and ``model`` in this project's key names, and ``format``."""
-    path = resolve_checkpoint(path)
-    try:
-        with torch.serialization.safe_globals([collections.Counter]):  # MultiStepLR keeps its milestones in one
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"refusing to load {path}: it holds Python objects beyond tensors and plain values, and unpickling "
-            f"them could run code ({str(err).splitlines()[0]}). Load only checkpoints from a source you trust; "
-            "this project writes its own with save_checkpoint."
-        ) from err
-    except (RuntimeError, EOFError) as err:
-        raise ValueError(f"cannot read checkpoint {path} ({err}); it may be truncated: delete it and rerun") from err
-    return ckpt if isinstance(ckpt, dict) and "arch" in ckpt else foreign_checkpoint(ckpt, path)
-
-
-def load_checkpoint(path: str, map_location="cpu", arch: str | None = None) -> tuple[nn.Module, dict]:
-    """Rebuild the model stored at ``path``; returns ``(model, checkpoint)``.
-
-    ``path`` is a run folder, a file this project wrote, a RepDistiller/mdistiller file
-    (``{'model': state_dict, ...}`` with ``blockN.`` keys), a bare VGG state_dict in any of the three
-    layouts (e.g. pytorch-cifar-models' ``cifar100_vgg16_bn-7d8c4031.pt``), or ``hub:<name>``. A foreign
-    file's network, width and class count are read from its keys and shapes; ``arch`` (a registered
-    name) only confirms them. The returned checkpoint always holds ``arch`` and ``model`` in this
-    project's layout, and ``format``: where the file came from."""
-    ckpt = read_checkpoint(path, map_location)
-    spec = dict(ckpt["arch"])
-    if arch is not None and arch != spec["name"]:
-        raise ValueError(f"{path} holds a {spec['name']} (width {spec['width']:g}), not the {arch} it was named as")
-    model = create_model(spec.pop("name"), **spec)
-    model.load_state_dict(ckpt["model"])
-    return model.to(map_location) if map_location else model, ckpt
-
-
-# ----------------------------------------------------------------------------- checkpoints of other codebases
-
-# chenyaofo/pytorch-cifar-models' released VGGs (torchvision layout); the file names end in their own tags
-HUB_URLS = {
-    f"cifar{k}_{name}_bn": f"https://github.com/chenyaofo/pytorch-cifar-models/releases/download/vgg/cifar{k}_{name}_bn-{tag}.pt"
-    for k, tags in {
-        10: {"vgg11": "eaeebf42", "vgg13": "c01e4a43", "vgg16": "6ee7ea24", "vgg19": "57191229"},
-        100: {"vgg11": "57d0759e", "vgg13": "5ebe5778", "vgg16": "7d8c4031", "vgg19": "b98f7bd7"},
-    }.items()
-    for name, tag in tags.items()
-}
-
-
-def hub_checkpoint(name: str) -> str:
-    """The local file of a released teacher, downloaded once into torch.hub's cache (where
-    ``torch.hub.load_state_dict_from_url`` keeps it too). It is read like any file: weights only."""
-    if name not in HUB_URLS:
-        raise UnknownNameError(f"unknown hub teacher {name!r}; known: {', '.join(HUB_URLS)}")
-    url = HUB_URLS[name]
-    file = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-    if not os.path.isfile(file):
-        os.makedirs(os.path.dirname(file), exist_ok=True)
-        try:
-            torch.hub.download_url_to_file(url, file, progress=False)  # to a temporary name, then renamed
-        except OSError as err:  # urllib's URLError and HTTPError are OSErrors
-            raise FileNotFoundError(
-                f"cannot download hub:{name} from {url} ({err}). Offline: fetch that file on a machine with "
-                f"network access and pass its path (--teacher path/to/{os.path.basename(url)}), or copy it to "
-                f"{file}; or train a teacher here (python train_eval.py --model vgg13)"
-            ) from err
-    return file
-
-
-def _tensors(ckpt) -> dict:
-    """The state dict inside a foreign checkpoint, without DataParallel's ``module.`` prefix."""
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"it holds a {type(ckpt).__name__}, not a dict of weights")
-    for key in ("model", "state_dict", "net"):
-        if isinstance(ckpt.get(key), dict):
-            ckpt = ckpt[key]
-            break
-    if not ckpt or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        raise ValueError("no state_dict found (looked for the keys 'model', 'state_dict', 'net' and a bare one)")
-    return {k.removeprefix("module."): v for k, v in ckpt.items()}
-
-
-def _renamed(state: dict, old: str, new: str) -> dict:
-    return {(new + k[len(old) :] if k.startswith(old) else k): v for k, v in state.items()}
-
-
-def _torchvision_to_stages(state: dict) -> dict:
-    """``features.<k>`` (flat conv, BN, ReLU, [pool] list) -> ``stages.<s>.<i>``: a pool shows as a
-    gap of four indices between convs, the same stage as a gap of three."""
-    convs = sorted(int(k.split(".")[1]) for k, v in state.items() if k.startswith("features.") and v.dim() == 4)
-    if not convs:
-        return state
-    rename, stage, j = {}, 0, -1
-    for prev, k in zip([convs[0] - 3, *convs], convs, strict=False):
-        stage, j = (stage + 1, 0) if k - prev == 4 else (stage, j + 1)
-        rename[f"features.{k}."] = f"stages.{stage}.{3 * j}."
-        rename[f"features.{k + 1}."] = f"stages.{stage}.{3 * j + 1}."
-    out = {}
-    for key, value in state.items():
-        prefix = ".".join(key.split(".")[:2]) + "."
-        out[rename.get(prefix, prefix) + key[len(prefix) :] if key.startswith("features.") else key] = value
-    return out
-
-
-def infer_arch(state: dict) -> dict:
-    """The registered network a state dict in this project's layout belongs to: its conv count per
-    stage names the VGG, the first conv its width, the last linear its class count."""
-    convs = [k for k, v in state.items() if k.startswith("stages.") and v.dim() == 4]
-    counts = collections.Counter(int(k.split(".")[1]) for k in convs)
-    shape = [counts[s] for s in range(len(counts))]
-    names = [n for n, stages in vgg.STAGES.items() if [len(s) for s in stages] == shape]
-    if not names or not any(k.startswith("stages.0.1.running_mean") for k in state):
-        raise ValueError(
-            f"not a VGG with batch norm this project knows (convs per stage {shape}); "
-            f"known: {', '.join(f'{n} {[len(s) for s in st]}' for n, st in vgg.STAGES.items())}"
-        )
-    mlp = "classifier.6.weight" in state
-    width = state["stages.0.0.weight"].shape[0] / 64
-    head = state["classifier.6.weight" if mlp else "classifier.weight"]
-    return {"name": names[0] + ("_tv" if mlp else ""), "num_classes": head.shape[0], "width": width}
-
-
-def foreign_checkpoint(ckpt: dict, path: str) -> dict:
-    """A checkpoint another codebase wrote, as this project's: ``arch``, ``model`` in this layout,
-    ``format``, and the epoch/accuracy it recorded (RepDistiller's ``epoch``, ``accuracy``)."""
-    try:
-        state = _tensors(ckpt)
-    except ValueError as err:
-        raise ValueError(f"{path} is not a checkpoint this project can read: {err}") from err
-    if any(k.startswith("block0.") for k in state):
-        fmt, state = "repdistiller", _renamed(state, "block", "stages.")
-    elif any(k.startswith("features.") for k in state):
-        fmt, state = "torchvision", _torchvision_to_stages(state)
-    elif any(k.startswith("stages.") for k in state):
-        fmt = "state_dict"
-    else:
-        raise ValueError(f"{path}: unknown key layout (first keys: {', '.join(list(state)[:4])})")
-    try:
-        arch = infer_arch(state)
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from err
-    extra = {k: ckpt[k] for k in ("epoch", "accuracy", "best_acc") if isinstance(ckpt.get(k), (int, float))}
-    return {"arch": arch, "model": state, "format": fmt, "config": None, "metrics": None, **extra}
-
-
-def export_repdistiller(model: nn.Module, path: str, epoch: int | None = None, accuracy: float | None = None) -> None:
-    """Write a full-width VGG in RepDistiller/mdistiller's teacher layout, ``{'model': state_dict with
-    blockN. keys, 'epoch', 'accuracy'}``, which their ``vgg<depth>_bn(num_classes=K)`` loads with
-    ``load_state_dict``; their VGG has a 512-wide linear head only, so other widths and heads are refused."""
-    if not isinstance(model, vgg.VGG) or model.pool_after != vgg.POOL_AFTER or model.embed_dim != 512:
-        raise ValueError("RepDistiller's VGG is this project's vgg8..vgg19 at width 1 (a linear head on 512 features)")
-    state = _renamed(model.state_dict(), "stages.", "block")
-    atomic_save({"model": state, "epoch": epoch, "accuracy": accuracy}, path)
-
-
 # ----------------------------------------------------------------------------- size and cost
 
 
@@ -432,3 +144,55 @@ def summary(model: nn.Module, input_size=(1, 3, 32, 32), depth: int = 3):
     import torchinfo
 
     return torchinfo.summary(model, input_size=input_size, depth=depth, verbose=0)
+
+
+def check_budget(model: nn.Module, budget: int, what: str = "the group") -> int:
+    """The parameter count of ``model``; raises if it exceeds ``budget`` (0: no budget)."""
+    n = count_params(model)
+    if budget and n > budget:
+        raise ValueError(
+            f"{what} has {n:,} parameters, over the budget of {budget:,}; "
+            "lower the width or the number of students (width_for_budget finds the widest that fits)"
+        )
+    return n
+
+
+def width_for_budget(build: Callable[[float], nn.Module], budget: int, step: float = 1 / 256) -> float:
+    """The largest width on a grid of ``step`` whose model ``build(width)`` fits in ``budget`` parameters.
+
+    Parameter counts grow monotonically with the width (channels are rounded widths), so a
+    binary search over the grid finds it.
+    """
+
+    def fits(n: int) -> bool:
+        return count_params(build(n * step)) <= budget
+
+    if not fits(1):
+        raise ValueError(f"even width {step:g} needs more than {budget:,} parameters")
+    lo, hi = 1, 2
+    while fits(hi):  # grow until the budget is exceeded
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo * step
+
+
+__getattr__ = moved(
+    __name__,
+    {
+        "checkpoints": (
+            "save_checkpoint",
+            "read_checkpoint",
+            "load_checkpoint",
+            "resolve_checkpoint",
+            "state_digest",
+            "foreign_checkpoint",
+            "infer_arch",
+            "export_repdistiller",
+            "hub_checkpoint",
+            "HUB_URLS",
+        ),
+        "atomic_files": ("atomic_save", "remove_stale_temporaries"),
+    },
+)

@@ -18,13 +18,9 @@ import pickle
 import torch
 from torch import nn
 
-from model import atomic_save, state_digest
+from atomic_files import atomic_save
+from checkpoints import state_digest
 from train_eval import amp_enabled, resolve_device
-
-
-def weights_digest(model: nn.Module) -> str:
-    """Content hash of a model's weights and buffers: the teacher part of a cache key."""
-    return state_digest(model.state_dict())
 
 
 class CachedTeacherLoader:
@@ -39,7 +35,7 @@ class CachedTeacherLoader:
     def __init__(self, loader, teacher: nn.Module, cache_dir: str, amp: bool = False, dtype=torch.float16):
         self.loader, self.teacher, self.amp, self.dtype = loader, teacher, amp, dtype
         key = {
-            "teacher": weights_digest(teacher.net),
+            "teacher": state_digest(teacher.net.state_dict()),
             "stream": loader.fingerprint(),
             "amp": amp,
             "dtype": str(dtype),

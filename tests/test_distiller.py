@@ -64,13 +64,11 @@ def test_registered_method_trains_without_touching_the_loop(smoke_cfg):
     class L2Logits(nn.Module):
         """A toy method: mean squared logit difference plus cross-entropy."""
 
-        needs_features = True
-
         def forward(self, logits_s, logits_t, target, s_feats=None, t_feats=None):
             assert s_feats is not None and t_feats is not None
             return {"ce": nn.functional.cross_entropy(logits_s, target), "l2": (logits_s - logits_t).pow(2).mean()}
 
-    register_method("test-l2")(lambda cfg, student, teacher: L2Logits())
+    register_method("test-l2", needs_features=True)(lambda cfg, student, teacher: L2Logits())
     try:
         teacher = distill(smoke_cfg(model="vgg11", width=0.125, epochs=1))
         result = distill(smoke_cfg(method="test-l2", teacher=teacher.run_dir, epochs=1))

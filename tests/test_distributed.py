@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from distributed import init_distributed
 from model import create_model, read_checkpoint
 from train_eval import TIMING_COLUMNS, fit, make_config, make_loaders
 
@@ -30,6 +31,7 @@ def _worker(rank, world, port, data_dir, out, results):
         KD_PROGRESS="0",
     )
     torch.set_num_threads(1)
+    init_distributed()  # the caller joins the process group; nothing in the library does it behind its back
     cfg = make_config("smoke", data_dir=data_dir, out_dir=out, epochs=3)
 
     def run(run_dir, callbacks=()):

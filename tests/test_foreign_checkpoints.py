@@ -15,9 +15,10 @@ import torchvision
 from torch import nn
 
 import vgg
+from checkpoints import file_digest as teacher_digest
 from conftest import ROOT
 from model import HUB_URLS, create_model, export_repdistiller, load_checkpoint
-from train_eval import run_identity, teacher_digest
+from train_eval import run_identity
 from train_kd import distill
 
 

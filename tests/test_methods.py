@@ -165,8 +165,6 @@ def test_at_hint_sp_pkt_pinned_to_hand_values():
 class RecordingLoss(nn.Module):
     """Cross-entropy, recording what the loop hands over (indices, the epoch)."""
 
-    needs_index = True
-
     def __init__(self):
         super().__init__()
         self.seen, self.epochs = [], []
@@ -185,9 +183,9 @@ def test_batches_carry_named_extras_and_the_loop_tells_the_epoch(smoke_cfg):
     student, teacher = create_model("vgg8", num_classes=10, width=0.0625), create_model("vgg8", num_classes=10)
     loss = RecordingLoss()
     with pytest.raises(ValueError, match="sample indices.*with_index=True"):
-        train_eval.fit(Distiller(student, teacher, loss), loaders.train, loaders.test, cfg)
+        train_eval.fit(Distiller(student, teacher, loss, needs_index=True), loaders.train, loaders.test, cfg)
     loaders.train.with_index = True
-    train_eval.fit(Distiller(student, teacher, loss), loaders.train, loaders.test, cfg)
+    train_eval.fit(Distiller(student, teacher, loss, needs_index=True), loaders.train, loaders.test, cfg)
     assert loss.epochs == [0, 1]
     first_epoch = torch.cat(loss.seen[: len(loaders.train)])
     order, _ = loaders.train.epoch_plan(0)

@@ -187,7 +187,7 @@ def test_a_crashed_run_is_reported_and_the_others_finish(smoke_cfg):
 @pytest.mark.parametrize(
     "grid, kwargs, message",
     [
-        ({"temperature": [1, 2]}, {}, "not a Config field; valid fields: .*T"),
+        ({"temperature": [1, 2]}, {}, "not a config field or method parameter; valid: .*T"),
         ({}, {}, "empty grid"),
         ({"T": []}, {}, "empty grid"),
         ({"seed": [1, 2]}, {}, "seeds are not a grid field"),
@@ -209,7 +209,7 @@ def test_sweep_command_line_forms():
         "flip": [False],
     }
     assert parse_seeds("0-2") == [0, 1, 2] and parse_seeds("0,3,5") == [0, 3, 5]
-    with pytest.raises(ValueError, match="not a Config field"):
+    with pytest.raises(ValueError, match="not a config field or method parameter"):
         parse_grid(["tau=1"])
 
 

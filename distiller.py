@@ -1,0 +1,227 @@
+"""Distillation: a student, a structurally frozen teacher and a method's loss, as one task for the loop.
+
+    result = distill(make_config("cpu", method="kd", teacher="runs/<teacher>"))
+
+``Distiller`` is what the loop trains for every method with a loss (``registry.Method.build``):
+``forward(x, y)`` runs the student and the frozen teacher (or reads its cached logits) and returns
+the loss's named terms. ``distill`` checks the method's inputs and the teacher, then trains the
+run through ``runs.train``; methods with a runner of their own (``Method.run``) go there instead.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+
+import torch
+from torch import nn
+
+import data_utils
+from atomic_files import atomic_write_text
+from checkpoints import load_checkpoint
+from config import Config
+from distributed import distributed, is_main_process
+from registry import METHODS, loss_methods, resolve_recipe
+from run_folders import run_identity
+from runs import RunResult, make_loaders, train
+from teacher_cache import use_teacher_cache
+from train_eval import evaluate
+
+
+class FrozenTeacher(nn.Module):
+    """A teacher that cannot train: always in eval mode, no gradients, invisible to optimizers.
+
+    The network is held outside the module tree, so it is absent from ``parameters()``,
+    ``state_dict()``, any optimizer and DistributedDataParallel, while ``.to()`` and
+    ``.cuda()`` still move it. Every forward re-asserts eval mode, so even a ``.train()``
+    called on the network itself cannot make its batch-norm statistics drift.
+    """
+
+    def __init__(self, net: nn.Module, bf16: bool = False):
+        super().__init__()
+        net.requires_grad_(False)
+        self._hidden = (net.eval(),)  # a tuple is not registered as a submodule
+        self.bf16 = bf16  # forward under bf16 autocast, outputs handed on in fp32
+
+    @property
+    def net(self) -> nn.Module:
+        return self._hidden[0]
+
+    def _apply(self, fn, recurse=True):
+        self.net._apply(fn, recurse)
+        return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor, features: bool = False):
+        self.net.train(False)
+        with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.net(x, features=True) if features else self.net(x)
+        return _to_float(out) if self.bf16 else out
+
+
+def _to_float(out):
+    """bf16 outputs (a tensor, or logits with a features dict of tensors and lists of them) as fp32."""
+    if isinstance(out, torch.Tensor):
+        return out.float()
+    if isinstance(out, (list, tuple)):
+        return type(out)(_to_float(o) for o in out)
+    if isinstance(out, dict):
+        return {k: _to_float(v) for k, v in out.items()}
+    return out
+
+
+class Distiller(nn.Module):
+    """Student + frozen teacher + loss, in the loop's form: ``forward(x, y) -> (logits, terms)``.
+
+    Trainable modules of the loss (adapters, regressors) are submodules here, so they reach
+    the optimizer and checkpoints with the student; the teacher reaches neither. With
+    ``needs_features`` both networks return their features for the loss (``s_feats``, ``t_feats``);
+    with ``needs_index`` the loop must hand each batch's sample indices.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        loss: nn.Module,
+        teacher_bf16: bool = False,
+        needs_features: bool = False,
+        needs_index: bool = False,
+    ):
+        super().__init__()
+        self.student = student
+        self.teacher = FrozenTeacher(teacher, bf16=teacher_bf16)
+        self.loss = loss
+        # what the method needs, as its registry entry declares it (``build_distiller`` passes them)
+        self.needs_features, self.needs_index = needs_features, needs_index
+
+    def set_epoch(self, epoch: int) -> None:
+        """The loop's epoch (0-based), for losses that change with it (a warm-up, say)."""
+        if hasattr(self.loss, "set_epoch"):
+            self.loss.set_epoch(epoch)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None = None, **extras):
+        """``teacher_logits``: the teacher's outputs for exactly these views, if cached; other
+        named batch extras (``index``...) go to the loss by keyword."""
+        if self.needs_features:
+            logits_s, feats_s = self.student(x, features=True)
+            logits_t, feats_t = self.teacher(x, features=True)
+        else:
+            logits_s, feats_s = self.student(x), None
+            logits_t = teacher_logits if teacher_logits is not None else self.teacher(x)
+            feats_t = None
+        terms = self.loss(logits_s, logits_t, y, s_feats=feats_s, t_feats=feats_t, **extras)
+        return logits_s, terms
+
+
+def load_teacher(path: str, cfg: Config) -> nn.Module:
+    """The teacher network from a run folder or checkpoint, checked against the run's dataset."""
+    if not path:
+        raise ValueError("distillation needs a teacher: pass --teacher runs/<teacher-run> (or a checkpoint)")
+    teacher, ckpt = load_checkpoint(path)
+    num_classes = data_utils.DATASETS[cfg.dataset].num_classes
+    if teacher.num_classes != num_classes:
+        raise ValueError(f"teacher at {path} has {teacher.num_classes} classes but {cfg.dataset} has {num_classes}")
+    planned = (ckpt.get("config") or {}).get("epochs")
+    if planned and ckpt.get("epoch") is not None and ckpt["epoch"] < planned and not cfg.trust_teacher:
+        raise ValueError(
+            f"the teacher at {path} stopped at epoch {ckpt['epoch']} of {planned}: finish it (rerun its command; "
+            "it resumes) or pass --trust-teacher to distil from it as it is"
+        )
+    return teacher
+
+
+def build_distiller(cfg: Config, student: nn.Module, train_loader=None) -> Distiller:
+    """The loop's task for a distillation method: student, frozen teacher and the method's loss,
+    sized by the training set that ``train_loader`` holds (CRD's memory bank, say)."""
+    teacher = load_teacher(cfg.teacher, cfg)
+    context = {"num_classes": teacher.num_classes}
+    if train_loader is not None:
+        context["train_size"] = len(getattr(train_loader, "loader", train_loader).images)
+    loss = get_method(cfg.method)(cfg, student, teacher, **context)
+    method = METHODS.get(cfg.method)
+    bf16 = cfg.teacher_amp == "bf16"
+    return Distiller(student, teacher, loss, bf16, needs_features=method.needs_features, needs_index=method.needs_index)
+
+
+def get_method(name: str):
+    """The loss builder ``build(cfg, student, teacher, **context)`` of a distillation method; it
+    fills the config's unset weights from the method's recipe and passes the context keys
+    (``train_size``, ``num_classes``) that the builder names."""
+    build = METHODS.get(name).build
+    if build is None:
+        raise ValueError(f"method {name!r} has no distillation loss; distillation methods: {', '.join(loss_methods())}")
+    params = inspect.signature(build).parameters
+    takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+    def built(cfg, student, teacher, **context):
+        if context.get("train_size") is None and "train_size" in params:
+            raise ValueError(f"method {name!r} is sized by the training set: pass train_size=len(training images)")
+        context = context if takes_all else {k: v for k, v in context.items() if k in params}
+        return build(resolve_recipe(cfg), student, teacher, **context)
+
+    return built
+
+
+def verify_teacher(cfg: Config) -> dict:
+    """The teacher's validation and test accuracy, measured the first time it is used on this data
+    (``<out_dir>/teacher_checks/<teacher>-<data>.json``), printed, and refused at chance level
+    unless ``cfg.trust_teacher``."""
+    ident = run_identity(cfg)
+    path = os.path.join(cfg.out_dir, "teacher_checks", f"{ident['teacher']}-{ident.get('data', 'nodata')}.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            check = json.load(f)
+    else:
+        teacher = load_teacher(cfg.teacher, cfg)
+        loaders = make_loaders(cfg)
+        check = {"teacher": cfg.teacher, "test_top1": evaluate(teacher, loaders.test)["top1"]}
+        if loaders.val is not None:
+            check["val_top1"] = evaluate(teacher, loaders.val)["top1"]
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write_text(path, json.dumps(check, indent=2))
+        if is_main_process():
+            shown = ", ".join(f"{k} {v:.2f}%" for k, v in check.items() if k != "teacher")
+            print(f"teacher {cfg.teacher}: {shown}")
+    chance = 100 / data_utils.DATASETS[cfg.dataset].num_classes
+    if check["test_top1"] < 2 * chance and not cfg.trust_teacher:
+        raise ValueError(
+            f"the teacher at {cfg.teacher} scores {check['test_top1']:.2f}% on the test set, near chance "
+            f"({chance:.0f}%): is it the right file, trained on this data set? Pass --trust-teacher to use it anyway"
+        )
+    return check
+
+
+def distill(cfg: Config) -> RunResult:
+    """Train (or reuse) the run ``cfg`` describes: a student distilled with ``cfg.method``'s loss, or
+    any registered method through its own run function (``ce``: plain training; ``dml``: a cohort;
+    ``partition``: the specialists' first stage)."""
+    method = METHODS.get(cfg.method)  # a bad name fails before any data is read
+    check_method_inputs(cfg)
+    if method.run is not None:
+        return method.run(cfg)
+    verify_teacher(cfg)
+    return train(cfg, make_task=build_distiller, wrap_loader=use_teacher_cache if cfg.teacher_cache else None)
+
+
+def check_method_inputs(cfg: Config) -> None:
+    """Start-up errors for what the method needs and the config cannot give."""
+    method = METHODS.get(cfg.method)
+    resolve_recipe(cfg)
+    if method.needs_teacher and not cfg.teacher:
+        raise ValueError(f"method {cfg.method!r} needs a teacher: pass --teacher RUN_OR_CHECKPOINT (teacher=...)")
+    if cfg.teacher_cache and method.needs_features:
+        raise ValueError(
+            f"method {cfg.method!r} needs the teacher's features, not only its logits; teacher-output reuse "
+            "(--teacher-cache) stores logits: drop it (the teacher then runs online)"
+        )
+    if cfg.teacher_cache and cfg.teacher_amp == "bf16":
+        raise ValueError(
+            "--teacher-amp bf16 speeds up a teacher that runs every step; with --teacher-cache it runs once per "
+            "view and its stored logits are what the student sees: drop one of the two"
+        )
+    if method.needs_index and distributed()[1] > 1:
+        raise ValueError(f"method {cfg.method!r} keeps a per-sample memory bank, which this loop does not shard")

@@ -1,0 +1,122 @@
+"""Experiments as the notebooks and the demo start them: the profile's teacher, seeds and figures.
+
+exp = setup_experiment("Logit_Matching", profile="cpu")   # config, seeds, trained teacher, figure folder
+table = run_demo(make_config("cpu"))                      # teacher vs independent vs KD students
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import pandas as pd
+
+from analysis import compare, plot_seeds, summarize_seeds
+from config import Config, make_config
+from distributed import distributed, is_main_process
+from model import count_flops, count_params
+from runs import RunResult, train
+from sweeps import run_all
+
+
+def teacher_config(cfg: Config) -> Config:
+    """The demo's teacher: ``teacher_*`` fields, cross-entropy, the whole training split but
+    the validation hold-out (the same images the students hold out)."""
+    return replace(
+        cfg,
+        model=cfg.teacher_model,
+        width=cfg.teacher_width,
+        epochs=cfg.teacher_epochs,
+        threads=cfg.teacher_threads,
+        subset=0,
+        method="ce",
+        teacher="",
+        seed=0,
+        data_seed=0,
+        name="",
+    )
+
+
+@dataclass
+class Experiment:
+    """What a notebook starts from: its config, seeds, trained teacher and figure folder."""
+
+    cfg: Config
+    seeds: range  # sweeps and exploratory groups: 3 (1 in smoke)
+    teacher: RunResult
+    figures: str
+    confirm_seeds: range = range(5)  # picked configurations and differences under 2 points: 5 (2 in smoke)
+
+
+def setup_experiment(name: str, profile: str = "cpu", data_dir: str = "./data", out_dir: str = "runs") -> Experiment:
+    """The shared first cell of the notebooks: the profile's config (generated data in ``smoke``),
+    its seeds, the teacher (trained once, then reused) and ``<out_dir>/figures/<name>``."""
+    overrides = {"out_dir": out_dir} | ({} if profile == "smoke" else {"data_dir": data_dir})
+    cfg = make_config(profile, **overrides)
+    figures = os.path.join(out_dir, "figures", name)
+    os.makedirs(figures, exist_ok=True)
+    teacher = train(teacher_config(cfg))
+    print(
+        f"profile {profile}: {cfg.dataset}, {cfg.val_size} validation images, seeds 0-{cfg.n_seeds - 1}; teacher "
+        f"{cfg.teacher_model} x{cfg.teacher_width:g} ({teacher.history['test_top1'].iloc[-1]:.2f}% test top-1); "
+        f"students {cfg.model} x{cfg.width:g}, {cfg.epochs} epochs, {cfg.subset or 'all'} images per class"
+    )
+    return Experiment(cfg, range(cfg.n_seeds), teacher, figures, range(max(5, cfg.n_seeds) if cfg.n_seeds > 1 else 2))
+
+
+def _row(role: str, results: list[RunResult]) -> dict:
+    stats = summarize_seeds(results)
+    cfg = results[0].config
+    return {
+        "run": role,
+        "model": f"{cfg.model} x{cfg.width:g}",
+        "params": count_params(results[0].model),
+        "MFLOPs": count_flops(results[0].model) / 1e6,
+        "seeds": len(results),
+        "top1": stats["last_top1"],
+        "top1_std": stats["last_top1_std"],
+        "top1_ci95": stats["last_top1_ci95"],
+        "top5": stats["last_top5"],
+        "val_top1": pd.Series([r.history["val_top1"].iloc[-1] for r in results if "val_top1" in r.history]).mean(),
+        "minutes": stats["minutes"],
+    }
+
+
+def plot_curves(groups: dict[str, list[RunResult]], teacher: RunResult, path: str):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, results in groups.items():
+        plot_seeds(ax, results, "test_top1", f"{label} (n={len(results)})")
+    ax.axhline(teacher.history["test_top1"].iloc[-1], color="k", ls="--", lw=1, label="teacher (final)")
+    ax.set(xlabel="epoch", ylabel="test top-1 (%)", title="Independent vs distilled student")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return fig
+
+
+def run_demo(cfg: Config) -> pd.DataFrame:
+    """Teacher, then independent and KD students (same seeds, paired) in parallel; table + plot.
+
+    The table's ``attrs["kd_vs_independent"]`` is the paired comparison of the two students.
+    """
+    teacher = train(teacher_config(cfg))
+    seeds = range(cfg.seed, cfg.seed + cfg.n_seeds)
+    configs = [replace(cfg, method="ce", teacher="", seed=s, data_seed=s) for s in seeds]
+    configs += [replace(cfg, method="kd", teacher=teacher.run_dir, seed=s, data_seed=s) for s in seeds]
+    jobs = "auto" if distributed()[1] == 1 else 1  # under torchrun every rank trains each run together
+    results = run_all(configs, jobs=jobs, desc="students")
+    independent, kd = results[: len(seeds)], results[len(seeds) :]
+    table = pd.DataFrame([_row("teacher", [teacher]), _row("independent", independent), _row("kd", kd)])
+    table.attrs["kd_vs_independent"] = compare(kd, independent) if len(seeds) > 1 else None
+    out = os.path.join(cfg.out_dir, f"demo-{cfg.profile}")
+    if not is_main_process():
+        return table
+    os.makedirs(out, exist_ok=True)
+    table.to_csv(os.path.join(out, "results.csv"), index=False)
+    k = kd[0].config
+    label = f"KD (T={k.T:g}, CE {k.ce_weight:g}, KD {k.kd_weight:g})"
+    plot_curves({"independent": independent, label: kd}, teacher, os.path.join(out, "curves.png"))
+    return table
