@@ -131,25 +131,13 @@ PARAMS = (
     Param("peer_weight", float, "DML: weight of the mutual-learning term", check=non_negative),
 )
 SOURCE = "Zhang et al. 2018, deep mutual learning: CE + KL to each peer at T = 1, weight 1"
-register_method(
-    "dml",
-    source=SOURCE,
-    params=PARAMS,
-    needs_teacher=False,
-    run=mutual_learning,
-    group=train_group,
-    group_model=group_model,
-    peer_T=1.0,
-    peer_weight=1.0,
-)(None)
+# what both variants share: one run trains the cohort; the published peer term (T 1, weight 1)
+COHORT = dict(run=mutual_learning, group=train_group, group_model=group_model, peer_T=1.0, peer_weight=1.0)
+register_method("dml", source=SOURCE, params=PARAMS, needs_teacher=False, **COHORT)(None)
 register_method(
     "dml+kd",
     source=SOURCE + "; each member's CE replaced by the project's KD recipe",
     params=(*PARAMS, *KD_PARAMS),
-    run=mutual_learning,
-    group=train_group,
-    group_model=group_model,
-    peer_T=1.0,
-    peer_weight=1.0,
+    **COHORT,
     **KD_RECIPE,
 )(None)
