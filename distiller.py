@@ -19,12 +19,12 @@ from torch import nn
 
 import data_utils
 from atomic_files import atomic_write_text
-from checkpoints import load_checkpoint
+from checkpoints import load_checkpoint, state_digest
 from config import Config
 from distributed import distributed, is_main_process
 from registry import METHODS, loss_methods, resolve_recipe
 from run_folders import run_identity
-from runs import RunResult, make_loaders, train
+from runs import RunResult, make_loaders, train, train_together
 from teacher_cache import use_teacher_cache
 from train_eval import evaluate
 
@@ -103,18 +103,24 @@ class Distiller(nn.Module):
         if hasattr(self.loss, "set_epoch"):
             self.loss.set_epoch(epoch)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None = None, **extras):
-        """``teacher_logits``: the teacher's outputs for exactly these views, if cached; other
-        named batch extras (``index``...) go to the loss by keyword."""
+    def forward(self, x: torch.Tensor, y: torch.Tensor, teacher_logits=None, teacher_out=None, **extras):
+        """``teacher_logits``: the teacher's logits for exactly these views, if cached; ``teacher_out``:
+        its outputs (with its features) if a cohort already ran it on this batch; other named batch
+        extras (``index``...) go to the loss by keyword."""
         if self.needs_features:
             logits_s, feats_s = self.student(x, features=True)
-            logits_t, feats_t = self.teacher(x, features=True)
+            logits_t, feats_t = teacher_out if teacher_out is not None else self.teacher(x, features=True)
         else:
             logits_s, feats_s = self.student(x), None
-            logits_t = teacher_logits if teacher_logits is not None else self.teacher(x)
-            feats_t = None
+            if teacher_logits is None:
+                teacher_logits = self.teacher(x) if teacher_out is None else _logits(teacher_out)
+            logits_t, feats_t = teacher_logits, None
         terms = self.loss(logits_s, logits_t, y, s_feats=feats_s, t_feats=feats_t, **extras)
         return logits_s, terms
+
+
+def _logits(out):
+    return out[0] if isinstance(out, tuple) else out
 
 
 def load_teacher(path: str, cfg: Config) -> nn.Module:
@@ -205,6 +211,60 @@ def distill(cfg: Config) -> RunResult:
         return method.run(cfg)
     verify_teacher(cfg)
     return train(cfg, make_task=build_distiller, wrap_loader=use_teacher_cache if cfg.teacher_cache else None)
+
+
+def shares_a_stream(cfg: Config) -> bool:
+    """Whether a run of ``cfg.method`` can train in a cohort: a distillation loss, or plain training."""
+    method = METHODS.get(cfg.method)
+    return method.build is not None or method.run is train
+
+
+def distill_together(cfgs: list[Config]) -> list[RunResult | Exception]:
+    """``distill`` for every config, trained as one cohort (``runs.train_together``): the batches
+    drawn once, the teacher run once per batch (or its cached logits read once), each member
+    exactly as alone. The configs share a data stream and, where they distil, one teacher at one
+    precision, all from its cached logits or all online. In order: each run's result, or the
+    exception that stopped it alone."""
+    out: list = [None] * len(cfgs)
+    members = []
+    for i, cfg in enumerate(cfgs):
+        try:
+            if not shares_a_stream(cfg):
+                raise ValueError(f"method {cfg.method!r} trains with a runner of its own, not in a cohort")
+            check_method_inputs(cfg)
+            if METHODS.get(cfg.method).build is not None:
+                verify_teacher(cfg)
+            members.append(i)
+        except Exception as err:
+            out[i] = err
+    cached = {cfg.teacher_cache for cfg in (cfgs[i] for i in members) if _distils_online_or_cached(cfg)}
+    if len(cached) > 1:
+        raise ValueError("a cohort's distilling members read the teacher's cached logits, or all run it online")
+    wrap = use_teacher_cache if cached == {True} else None
+    results = train_together([cfgs[i] for i in members], _task, wrap, None if wrap else _shared_teacher)
+    for i, result in zip(members, results, strict=True):
+        out[i] = result
+    return out
+
+
+def _distils_online_or_cached(cfg: Config) -> bool:
+    return METHODS.get(cfg.method).build is not None
+
+
+def _task(cfg: Config, student: nn.Module, train_loader) -> nn.Module | None:
+    return build_distiller(cfg, student, train_loader) if METHODS.get(cfg.method).build is not None else None
+
+
+def _shared_teacher(tasks: list[nn.Module]) -> tuple:
+    """The frozen teacher the distilling members share (checked: one set of weights, one precision),
+    and whether any of them needs its features."""
+    distillers = [t for t in tasks if isinstance(t, Distiller)]
+    if not distillers:
+        return None, False
+    teachers = {(state_digest(t.teacher.net.state_dict()), t.teacher.bf16) for t in distillers}
+    if len(teachers) > 1:
+        raise ValueError("the distilling members of a cohort must share one teacher at one precision")
+    return distillers[0].teacher, any(t.needs_features for t in distillers)
 
 
 def check_method_inputs(cfg: Config) -> None:

@@ -172,6 +172,95 @@ def _train(cfg, run_dir, make_task, wrap_loader, make_student) -> RunResult:
     return RunResult(task.student.cpu(), history, run_dir, cfg)
 
 
+def train_together(
+    cfgs: list[Config],
+    make_task: Callable[[Config, nn.Module, object], nn.Module] | None = None,
+    wrap_loader: Callable[[nn.Module, object, Config], object] | None = None,
+    share: Callable[[list[nn.Module]], tuple] | None = None,
+) -> list[RunResult | Exception]:
+    """Train (or reuse, or resume) the runs ``cfgs`` describe as one cohort; in order, each run's
+    result, or the exception that stopped it alone.
+
+    The runs must share a data stream (data, split, batch size, augmentation, data seed) and a
+    thread count. Each batch is drawn once; ``share(tasks)`` may return ``(teacher, features)``, a
+    frozen teacher every distilling member reads, which then runs once per batch. Every member is
+    built, trained, checkpointed and resumed exactly as ``train`` does it alone, so its weights and
+    metrics are the same to the bit (at the same thread count); finished members are read back.
+    """
+    cfgs = [resolve_recipe(c) for c in cfgs]
+    _check_one_stream(cfgs)
+    _prepare(cfgs[0])
+    dirs = [run_dir_for(c) for c in cfgs]
+    out: dict[str, RunResult | Exception] = {}
+    with contextlib.ExitStack() as stack:
+        todo = []
+        for d in sorted(set(dirs)):  # one lock order for every process: no two cohorts wait on each other
+            cfg = cfgs[dirs.index(d)]
+            writable = stack.enter_context(run_lock(d))
+            out[d] = finished_run(d, cfg)
+            if out[d] is None and not writable:
+                out[d] = ValueError(f"{d} is not writable and holds no finished run of this config: pass --out-dir")
+            elif out[d] is None:
+                todo.append((cfg, d))
+        if todo:
+            out.update(_train_together(todo, make_task, wrap_loader, share))
+    return [out[d] for d in dirs]
+
+
+STREAM_FIELDS = (
+    "dataset",
+    "data_dir",
+    "synthetic",
+    "subset",
+    "val_size",
+    "split_seed",
+    "batch_size",
+    "crop_pad",
+    "flip",
+    "data_seed",
+    "channels_last",
+    "device",
+    "amp",
+    "threads",
+)
+
+
+def _check_one_stream(cfgs: list[Config]) -> None:
+    for key in STREAM_FIELDS:
+        values = {repr(getattr(c, key)) for c in cfgs}
+        if len(values) > 1:
+            raise ValueError(f"the runs of a cohort must share one data stream, but they differ in {key}: {values}")
+
+
+def _train_together(todo, make_task, wrap_loader, share) -> dict:
+    first = todo[0][0]
+    with train_eval.thread_count(first.threads):
+        loaders = make_loaders(first, prepare=False)  # draws from its own generators, not the model seeds
+        loaders.train.with_index = any(METHODS.get(c.method).needs_index for c, _ in todo)
+        members, failed = [], {}
+        for cfg, run_dir in todo:
+            try:
+                train_eval.set_seed(cfg.seed)  # each member built exactly as it would be alone
+                student = build_student(cfg)
+                task = make_task(cfg, student, loaders.train) if make_task else None
+                task = train_eval.Vanilla(student) if task is None else task
+                members.append(train_eval.start_member(task, loaders.train, cfg, run_dir))
+            except Exception as err:  # a member that cannot start stops alone
+                failed[run_dir] = err
+        train_loader = loaders.train
+        distilling = [m for m in members if hasattr(m.task, "teacher")]
+        if wrap_loader is not None and distilling:  # the stored logits every distilling member reads
+            train_loader = wrap_loader(distilling[0].task, loaders.train, distilling[0].cfg)
+        teacher, features = share([m.task for m in members]) if share and members else (None, False)
+        if members:
+            train_eval.fit_cohort(members, train_loader, loaders.test, loaders.val, teacher, features)
+    out = dict(failed)
+    for m in members:
+        result = RunResult(m.task.student.cpu(), pd.DataFrame(m.history), m.run_dir, m.cfg)
+        out[m.run_dir] = m.error if m.error is not None else result
+    return out
+
+
 def print_result(result: RunResult) -> None:
     if not is_main_process():
         return

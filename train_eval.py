@@ -22,6 +22,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
@@ -160,26 +161,90 @@ def optimizer_step(step, optimizer, x, y, extras: dict | None = None, amp: bool 
     return logits, terms, loss
 
 
-def train_one_epoch(task, step, loader, optimizer, device, amp: bool) -> dict:
-    """One pass; per-step values stay on the device (no host sync) until the epoch ends."""
-    task.train()
-    sums: dict[str, torch.Tensor] = {}
-    correct = torch.zeros((), device=device)
+@dataclass
+class Member:
+    """One run in the loop, with everything that is its own: its task, optimizer, schedule, RNG
+    state, run folder and history. ``fit`` trains one; ``fit_cohort`` trains several on one stream."""
+
+    task: nn.Module
+    step: nn.Module  # what the loop calls: the task, or DDP around it, compiled or not
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    cfg: Config
+    run_dir: str | None
+    history: list
+    start: int  # the first epoch still to train (after a resume)
+    rng: tuple  # the generators' state this run's next step starts from
+    callbacks: tuple = ()
+    error: Exception | None = None  # why it stopped early, in a cohort that went on
+    own: list = field(default_factory=lambda: [0.0, 0.0])  # this epoch's own wall and CPU seconds
+
+
+def _rng_state(device: torch.device) -> tuple:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+@contextlib.contextmanager
+def _as_member(m: Member, device: torch.device):
+    """Run the body with the member's own RNG state and time, so a cohort draws for each member exactly
+    what it would draw alone (CRD's negatives, say)."""
+    _set_rng_state(m.rng, device)
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    try:
+        yield
+    finally:
+        m.own[0] += time.perf_counter() - t0
+        m.own[1] += time.process_time() - cpu0
+        m.rng = _rng_state(device)
+
+
+def train_one_epoch(members: list[Member], loader, device, amp: bool, teacher=None, features=False) -> list[dict]:
+    """One pass over ``loader`` for every member; per-step values stay on the device (no host sync)
+    until the epoch ends. With ``teacher`` (a frozen teacher the members share) it runs once per
+    batch and its outputs reach each task as the batch extra ``teacher_out``."""
+    for m in members:
+        m.task.train()
+    sums: list[dict[str, torch.Tensor]] = [{} for _ in members]
+    correct = [torch.zeros((), device=device) for _ in members]
     n, t0 = 0, time.perf_counter()
     for x, y, *rest in loader:  # rest: the batch's named extras, e.g. cached teacher logits, sample indices
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         extras = {k: v.to(device, non_blocking=True) for k, v in (rest[0] if rest else {}).items()}
-        logits, terms, loss = optimizer_step(step, optimizer, x, y, extras, amp=amp)
-        for name, value in {"loss": loss, **terms}.items():
-            sums[name] = sums.get(name, 0) + value.detach().float() * len(y)
-        correct += (logits.argmax(1) == y).sum()
+        if teacher is not None:
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+                extras["teacher_out"] = teacher(x, features=features)
+        for i, m in enumerate(members):
+            if m.error is not None:
+                continue
+            try:
+                with _as_member(m, device):
+                    logits, terms, loss = optimizer_step(m.step, m.optimizer, x, y, extras, amp=amp)
+            except Exception as err:
+                if len(members) == 1:
+                    raise
+                m.error = err  # it stops alone; the others go on
+                continue
+            for name, value in {"loss": loss, **terms}.items():
+                sums[i][name] = sums[i].get(name, 0) + value.detach().float() * len(y)
+            correct[i] += (logits.argmax(1) == y).sum()
         n += len(y)
     if n == 0:
         raise ValueError("the training loader yielded no batch; lower batch_size or use more data")
+    seconds = time.perf_counter() - t0
+    return [_train_row(s, c, n, seconds) for s, c in zip(sums, correct, strict=True)]
+
+
+def _train_row(sums: dict, correct: torch.Tensor, n: int, seconds: float) -> dict:
     names = list(sums)
     totals = sum_over_ranks(torch.stack([*(sums[k] for k in names), correct.float(), torch.tensor(float(n))]))
     n = totals[-1].item()
-    seconds = time.perf_counter() - t0
     row = {f"train_{k}": (v / n).item() for k, v in zip(names, totals, strict=False)}
     row["train_top1"] = 100 * totals[-2].item() / n
     row["train_images_per_s"] = n / seconds  # all processes together
@@ -211,13 +276,13 @@ def _check_finite(row: dict, epoch: int, history: list) -> None:
         )
 
 
-def _save(task, optimizer, scheduler, run_dir, cfg, history, epoch) -> None:
+def _save(task, optimizer, scheduler, run_dir, cfg, history, epoch, rng: torch.Tensor) -> None:
     atomic_write_text(os.path.join(run_dir, "metrics.csv"), pd.DataFrame(history).to_csv(index=False))
     train_state = {
         "task": task.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "rng": torch.get_rng_state(),
+        "rng": rng,
     }
     save_checkpoint(
         os.path.join(run_dir, "checkpoint.pt"),
@@ -274,6 +339,42 @@ def _progress(total: int, desc: str, initial: int):
 TIMING_COLUMNS = ["seconds", "cpu_seconds", "train_images_per_s"]
 
 
+def start_member(
+    module: nn.Module,
+    train_loader,
+    cfg: Config,
+    run_dir: str | None = None,
+    callbacks: tuple[Callable[[int, dict], None], ...] = (),
+) -> Member:
+    """``module`` made ready to train: on its device, with its optimizer and schedule, resumed from
+    ``run_dir``'s checkpoint if an unfinished run of ``cfg`` is there (another config's is refused),
+    ``config.json`` written. Its RNG state is the generators' state now (or the checkpoint's)."""
+    device = resolve_device(cfg.device)
+    task = _as_task(module)
+    if getattr(task, "needs_index", False) and not getattr(train_loader, "with_index", False):
+        raise ValueError(
+            "this method needs each batch's sample indices (e.g. CRD's memory bank), but the training loader "
+            "yields none: build it with CifarLoader(..., with_index=True)"
+        )
+    world = distributed()[1]
+    if world > 1 and device.type == "cuda":  # SyncBatchNorm has no CPU kernels
+        task = nn.SyncBatchNorm.convert_sync_batchnorm(task)
+    task.to(device)
+    if cfg.channels_last:
+        task.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(task, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    start, history = 0, []
+    if run_dir:
+        start, history = _resume(task, optimizer, scheduler, run_dir, cfg)  # refuses another config's folder first
+        if is_main_process():
+            os.makedirs(run_dir, exist_ok=True)
+            remove_stale_temporaries(run_dir)
+            atomic_write_text(os.path.join(run_dir, "config.json"), json.dumps(cfg.to_dict(), indent=2))
+    step = _wrap_for_training(task, device, cfg, world)
+    return Member(task, step, optimizer, scheduler, cfg, run_dir, history, start, _rng_state(device), callbacks)
+
+
 def fit(
     module: nn.Module,
     train_loader,
@@ -293,61 +394,81 @@ def fit(
     an earlier, unfinished run there is resumed. ``callbacks`` are called as ``cb(epoch, row)``
     after each epoch's checkpoint.
     """
+    member = start_member(module, train_loader, cfg, run_dir, callbacks)
+    fit_cohort([member], train_loader, test_loader, val_loader)
+    if member.error is not None:
+        raise member.error
+    return pd.DataFrame(member.history)
+
+
+def fit_cohort(members: list[Member], train_loader, test_loader, val_loader=None, teacher=None, features=False):
+    """Train every member (``start_member``) on one stream, each exactly as ``fit`` would alone.
+
+    Each batch is drawn once; with ``teacher`` (the frozen teacher the members distil from) the
+    teacher runs once per batch for all of them (``features``: with its features). A member runs
+    with its own RNG state, optimizer, schedule, epochs and run folder; one that fails (a diverged
+    loss, an error in its step) stops alone with ``member.error`` set, the others finish.
+    """
+    cfg = members[0].cfg
     device = resolve_device(cfg.device)
-    task = _as_task(module)
-    if getattr(task, "needs_index", False) and not getattr(train_loader, "with_index", False):
-        raise ValueError(
-            "this method needs each batch's sample indices (e.g. CRD's memory bank), but the training loader "
-            "yields none: build it with CifarLoader(..., with_index=True)"
-        )
-    world = distributed()[1]
-    if world > 1 and device.type == "cuda":  # SyncBatchNorm has no CPU kernels
-        task = nn.SyncBatchNorm.convert_sync_batchnorm(task)
-    task.to(device)
-    if cfg.channels_last:
-        task.to(memory_format=torch.channels_last)
     amp = amp_enabled(cfg, device)
-    optimizer = build_optimizer(task, cfg)
-    scheduler = build_scheduler(optimizer, cfg)
-    start, history = 0, []
-    if run_dir:
-        start, history = _resume(task, optimizer, scheduler, run_dir, cfg)  # refuses another config's folder first
-        if is_main_process():
-            os.makedirs(run_dir, exist_ok=True)
-            remove_stale_temporaries(run_dir)
-            atomic_write_text(os.path.join(run_dir, "config.json"), json.dumps(cfg.to_dict(), indent=2))
-    step = _wrap_for_training(task, device, cfg, world)
-    bar = _progress(cfg.epochs, run_name(cfg) if run_dir else "train", start)
-    for epoch in range(start, cfg.epochs):
+    solo = len(members) == 1
+    bars = {id(m): _progress(m.cfg.epochs, run_name(m.cfg) if m.run_dir else "train", m.start) for m in members}
+    for epoch in range(min(m.start for m in members), max(m.cfg.epochs for m in members)):
+        active = [m for m in members if m.error is None and m.start <= epoch < m.cfg.epochs]
+        if not active:
+            continue
         t0, cpu0 = time.perf_counter(), time.process_time()
         train_loader.set_epoch(epoch)
-        if hasattr(task, "set_epoch"):  # e.g. a loss with a warm-up (DKD)
-            task.set_epoch(epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        row = {"epoch": epoch + 1, "lr": lr}
-        row.update(train_one_epoch(task, step, train_loader, optimizer, device, amp))
-        average_buffers(task)
-        if val_loader is not None:
-            row.update({f"val_{k}": v for k, v in test_metrics(task, val_loader, amp).items()})
-        test = test_metrics(task, test_loader, amp)
-        row.update({f"test_{k}": v for k, v in test.items()})
-        row["seconds"] = time.perf_counter() - t0
-        # CPU time of all this process's threads: unlike ``seconds``, it barely grows while other jobs
-        # share the cores (measured in docs/performance.md)
-        row["cpu_seconds"] = time.process_time() - cpu0
-        row["threads"] = torch.get_num_threads() if device.type == "cpu" else 0
-        _check_finite(row, epoch, history)
-        scheduler.step()
-        history.append(row)
-        if run_dir and is_main_process():  # one writer; every rank holds the same weights
-            _save(task, optimizer, scheduler, run_dir, cfg, history, epoch + 1)
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['train_loss']:.3f}", **{k: f"{row[k]:.2f}" for k in ("val_top1",) if k in row})
-        for cb in callbacks:
-            cb(epoch, row)
-    bar.close()
+        for m in active:
+            m.own = [0.0, 0.0]
+            if hasattr(m.task, "set_epoch"):  # e.g. a loss with a warm-up (DKD)
+                m.task.set_epoch(epoch)
+        rows = train_one_epoch(active, train_loader, device, amp, teacher, features)
+        # what the members did together (drawing the batches, the teacher), shared equally among them
+        together = [time.perf_counter() - t0 - sum(m.own[0] for m in active)]
+        together.append(time.process_time() - cpu0 - sum(m.own[1] for m in active))
+        share = [t / len(active) for t in together]
+        for m, row in zip(active, rows, strict=True):
+            if m.error is None:
+                try:
+                    _end_epoch(m, epoch, row, val_loader, test_loader, amp, device, share)
+                except Exception as err:
+                    if solo:
+                        raise
+                    m.error = err  # it stops alone; its last checkpoint is kept
+                    continue
+                bars[id(m)].update(1)
+                bars[id(m)].set_postfix(loss=f"{row['train_loss']:.3f}", **_shown(m.history[-1]))
+                for cb in m.callbacks:
+                    cb(epoch, m.history[-1])
+    for bar in bars.values():
+        bar.close()
     barrier()  # the last checkpoint exists for every process once fit returns
-    return pd.DataFrame(history)
+
+
+def _shown(row: dict) -> dict:
+    return {k: f"{row[k]:.2f}" for k in ("val_top1",) if k in row}
+
+
+def _end_epoch(m: Member, epoch: int, row: dict, val_loader, test_loader, amp: bool, device, share) -> None:
+    """Evaluate, check, schedule and checkpoint one member after its training pass of ``epoch``."""
+    with _as_member(m, device):
+        average_buffers(m.task)
+        row = {"epoch": epoch + 1, "lr": m.optimizer.param_groups[0]["lr"], **row}
+        if val_loader is not None:
+            row.update({f"val_{k}": v for k, v in test_metrics(m.task, val_loader, amp).items()})
+        row.update({f"test_{k}": v for k, v in test_metrics(m.task, test_loader, amp).items()})
+    row["seconds"] = m.own[0] + share[0]
+    # CPU time of all this process's threads: unlike ``seconds``, it barely grows while other jobs
+    # share the cores (docs/commands.md, metrics.csv)
+    row["cpu_seconds"] = m.own[1] + share[1]
+    row["threads"] = torch.get_num_threads() if device.type == "cpu" else 0
+    _check_finite(row, epoch, m.history)
+    m.scheduler.step()
+    m.history.append(row)
+    if m.run_dir and is_main_process():  # one writer; every rank holds the same weights
+        _save(m.task, m.optimizer, m.scheduler, m.run_dir, m.cfg, m.history, epoch + 1, m.rng[0])
 
 
 @contextlib.contextmanager

@@ -1,0 +1,115 @@
+"""Cohorts: runs that share a data stream and a teacher train together, each exactly as alone."""
+
+from dataclasses import replace
+
+import pandas as pd
+import pytest
+import torch
+
+import train_eval
+from checkpoints import read_checkpoint
+from distiller import distill, distill_together
+from train_eval import TIMING_COLUMNS
+
+MIXED = [
+    ("ce", {}),
+    ("kd", {}),
+    ("dkd", {"warmup": 1.0}),
+    ("fitnet", {}),
+    ("at", {}),
+    ("crd", {"crd_negatives": 128}),
+    ("rkd", {}),
+]
+
+
+def configs(smoke_cfg, teacher, out_dir, methods=MIXED, **common):
+    return [
+        smoke_cfg(method=m, teacher=teacher, epochs=2, threads=1, out_dir=str(out_dir), **extra, **common)
+        for m, extra in methods
+    ]
+
+
+def assert_same_run(a, b):
+    assert a.run_dir.split("/")[-1] == b.run_dir.split("/")[-1]
+    pd.testing.assert_frame_equal(a.history.drop(columns=TIMING_COLUMNS), b.history.drop(columns=TIMING_COLUMNS))
+    sa, sb = read_checkpoint(a.run_dir), read_checkpoint(b.run_dir)
+    for key, value in sa["model"].items():
+        assert torch.equal(value, sb["model"][key]), key
+    for key, value in sa["train_state"]["task"].items():  # adapters, memory banks
+        assert torch.equal(value, sb["train_state"]["task"][key]), key
+    assert torch.equal(sa["train_state"]["rng"], sb["train_state"]["rng"])
+
+
+def test_a_mixed_cohort_equals_its_solo_runs_to_the_bit(smoke_cfg, smoke_teacher, tmp_path):
+    cfgs = configs(smoke_cfg, smoke_teacher.run_dir, tmp_path / "solo")
+    solo = [distill(c) for c in cfgs]
+    together = distill_together([replace(c, out_dir=str(tmp_path / "cohort")) for c in cfgs])
+    for a, b in zip(solo, together, strict=True):
+        assert_same_run(a, b)
+
+
+def test_a_cohort_on_cached_teacher_logits_equals_its_solo_runs(smoke_cfg, smoke_teacher, tmp_path):
+    methods = [("ce", {}), ("kd", {}), ("kd_ls", {}), ("dkd", {"warmup": 1.0})]
+    cfgs = configs(smoke_cfg, smoke_teacher.run_dir, tmp_path / "solo", methods, teacher_cache=True)
+    solo = [distill(c) for c in cfgs]
+    together = distill_together([replace(c, out_dir=str(tmp_path / "cohort")) for c in cfgs])
+    for a, b in zip(solo, together, strict=True):
+        assert_same_run(a, b)
+
+
+class Killed(BaseException):
+    pass
+
+
+def test_a_cohort_killed_between_its_members_checkpoints_resumes_to_the_same_bits(
+    smoke_cfg, smoke_teacher, tmp_path, monkeypatch
+):
+    methods = [("kd", {}), ("crd", {"crd_negatives": 128}), ("ce", {})]
+    cfgs = configs(smoke_cfg, smoke_teacher.run_dir, tmp_path / "solo", methods)
+    solo = [distill(c) for c in cfgs]
+    cohort = [replace(c, out_dir=str(tmp_path / "cohort")) for c in cfgs]
+    saves, real_save = [], train_eval._save
+
+    def killed_after_four_saves(*args, **kwargs):
+        if len(saves) == 4:  # epoch 1 of every member, and epoch 2 of the first one only
+            raise Killed
+        saves.append(1)
+        return real_save(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(train_eval, "_save", killed_after_four_saves)
+        with pytest.raises(Killed):
+            distill_together(cohort)
+    for a, b in zip(solo, distill_together(cohort), strict=True):
+        assert_same_run(a, b)
+
+
+def test_a_member_that_diverges_stops_alone(smoke_cfg, smoke_teacher, tmp_path):
+    methods = [("kd", {}), ("at", {"lr": 1e30}), ("ce", {})]
+    cfgs = configs(smoke_cfg, smoke_teacher.run_dir, tmp_path / "solo", methods)
+    together = distill_together([replace(c, out_dir=str(tmp_path / "cohort")) for c in cfgs])
+    assert isinstance(together[1], FloatingPointError)
+    for i in (0, 2):
+        assert_same_run(distill(cfgs[i]), together[i])
+
+
+def test_finished_members_are_read_back_not_retrained(smoke_cfg, smoke_teacher, tmp_path):
+    cfgs = configs(smoke_cfg, smoke_teacher.run_dir, tmp_path, [("kd", {}), ("ce", {})])
+    first = distill(cfgs[0])
+    before = read_checkpoint(first.run_dir)["metrics"]
+    together = distill_together(cfgs)
+    assert read_checkpoint(first.run_dir)["metrics"] == before  # same seconds: not trained again
+    assert_same_run(first, together[0])
+
+
+def test_the_teacher_runs_once_per_batch_for_the_whole_cohort(smoke_cfg, smoke_teacher, tmp_path, monkeypatch):
+    from distiller import FrozenTeacher
+
+    cfgs = configs(smoke_cfg, smoke_teacher.run_dir, tmp_path, [("kd", {}), ("at", {}), ("rkd", {}), ("ce", {})])
+    calls, real_forward = [], FrozenTeacher.forward
+    monkeypatch.setattr(
+        FrozenTeacher, "forward", lambda self, x, features=False: calls.append(1) or real_forward(self, x, features)
+    )
+    results = distill_together(cfgs)
+    steps = len(results[0].history) * (1000 // 64)  # epochs x full batches of the 1000 training images
+    assert len(calls) == steps
