@@ -21,6 +21,7 @@ import pandas as pd
 
 from analysis import summarize
 from atomic_files import atomic_write_text
+from cohorts import plan_cohorts, run_cohort
 from config import Config, check_config, config_keys
 from distiller import distill
 from registry import resolve_recipe
@@ -37,22 +38,28 @@ def default_jobs(threads: int) -> int:
     return max(1, cores // (threads or cores))
 
 
-def _run_in_worker(run, cfg: Config) -> dict:
-    """One run without its per-epoch bar (the sweep shows one bar over runs); the caller's setting
-    is restored after it, so a notebook's later runs show theirs again."""
+def _run_in_worker(run, cfgs: list[Config]) -> list[dict]:
+    """A cohort of runs (one run: ``run`` itself) without per-epoch bars (the sweep shows one bar over
+    runs); the caller's setting is restored after it, so a notebook's later runs show theirs again."""
     with progress_bars(False):
-        result = run(cfg)
-    return {"run_dir": result.run_dir, "history": result.history}
+        if len(cfgs) > 1:
+            return run_cohort(cfgs)
+        result = run(cfgs[0])
+    return [{"run_dir": result.run_dir, "history": result.history}]
 
 
-def run_many(configs: list[Config], jobs: int | str = "auto", run=None, desc: str = "runs") -> list[dict]:
+def run_many(
+    configs: list[Config], jobs: int | str = "auto", run=None, desc: str = "runs", cohorts: bool = True
+) -> list[dict]:
     """Run every config (each an ordinary run folder: finished ones are reused, unfinished resumed).
 
     ``jobs`` worker processes (``spawn``; ``"auto"``: cores // threads per run) share the work;
     with 1 the runs go one after the other in this process. Each run uses its own
-    ``cfg.threads``, so its numbers do not depend on ``jobs``. Returns, in the order of
-    ``configs``, ``{"run_dir", "history"}`` or ``{"error"}`` for a run that failed; the others
-    still finish. ``run`` (default ``distill``) must be importable by name (a module-level function).
+    ``cfg.threads``, so its numbers do not depend on ``jobs``. With ``cohorts`` (and the default
+    ``run``), the runs that share a data stream and a teacher train together
+    (``cohorts.plan_cohorts``): the same results, the teacher's work done once. Returns, in the
+    order of ``configs``, ``{"run_dir", "history"}`` or ``{"error"}`` for a run that failed; the
+    others still finish. ``run`` (default ``distill``) must be importable by name.
     """
     run = run or distill
     jobs = default_jobs(max(c.threads for c in configs) if configs else 1) if jobs == "auto" else jobs
@@ -60,26 +67,30 @@ def run_many(configs: list[Config], jobs: int | str = "auto", run=None, desc: st
         raise ValueError(f"jobs must be a whole number >= 1 or 'auto', got {jobs!r}")
     from tqdm.auto import tqdm
 
+    units = plan_cohorts(configs, jobs) if cohorts and run is distill else [[i] for i in range(len(configs))]
     out: list[dict] = [{} for _ in configs]
     bar = tqdm(total=len(configs), desc=desc, unit="run", disable=not progress_enabled())
-    if jobs == 1 or len(configs) <= 1:
-        for i, cfg in enumerate(configs):
-            out[i] = _guarded(run, cfg)
-            bar.update(1)
+    if jobs == 1 or len(units) <= 1:
+        for unit in units:
+            for i, res in zip(unit, _guarded(run, [configs[i] for i in unit]), strict=True):
+                out[i] = res
+            bar.update(len(unit))
         bar.close()
         return out
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(_run_in_worker, run, cfg): i for i, cfg in enumerate(configs)}
+        futures = {pool.submit(_run_in_worker, run, [configs[i] for i in unit]): unit for unit in units}
         for future in as_completed(futures):
-            i = futures[future]
+            unit = futures[future]
             try:
-                out[i] = future.result()
+                results = future.result()
             except Exception as err:  # a crashed worker (BrokenProcessPool) lands here too
-                out[i] = {"error": f"{type(err).__name__}: {err}"}
-            bar.update(1)
+                results = [{"error": f"{type(err).__name__}: {err}"}] * len(unit)
+            for i, res in zip(unit, results, strict=True):
+                out[i] = res
+            bar.update(len(unit))
     bar.close()
     return out
 
@@ -98,11 +109,11 @@ def run_seeds(cfg: Config, seeds, jobs: int | str = "auto") -> list[RunResult]:
     return run_all([replace(cfg, seed=s, data_seed=s) for s in seeds], jobs, desc=f"{cfg.method} x{len(seeds)}")
 
 
-def _guarded(run, cfg: Config) -> dict:
+def _guarded(run, cfgs: list[Config]) -> list[dict]:
     try:
-        return _run_in_worker(run, cfg)
+        return _run_in_worker(run, cfgs)
     except Exception as err:
-        return {"error": f"{type(err).__name__}: {err}"}
+        return [{"error": f"{type(err).__name__}: {err}"}] * len(cfgs)
 
 
 def _not_a_key(key: str) -> ValueError:
@@ -144,6 +155,7 @@ def sweep(
     jobs: int | str = "auto",
     best_by: str = "val_top1",
     run=None,
+    cohorts: bool = True,
 ) -> pd.DataFrame:
     """Train every cell of ``grid`` × ``seeds`` (in parallel) and return one row per run.
 
@@ -157,7 +169,7 @@ def sweep(
     (``python train_kd.py --sweep ... --jobs 1`` per array task, or ``run_many`` under submitit).
     """
     runs = expand_grid(cfg, grid, seeds)
-    done = run_many([c for _, _, c in runs], jobs=jobs, run=run, desc="sweep")
+    done = run_many([c for _, _, c in runs], jobs=jobs, run=run, desc="sweep", cohorts=cohorts)
     rows, failed = [], []
     for (cell, seed, run_cfg), res in zip(runs, done, strict=True):
         row = {**cell, "seed": seed, "threads": run_cfg.threads}

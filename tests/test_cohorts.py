@@ -113,3 +113,31 @@ def test_the_teacher_runs_once_per_batch_for_the_whole_cohort(smoke_cfg, smoke_t
     results = distill_together(cfgs)
     steps = len(results[0].history) * (1000 // 64)  # epochs x full batches of the 1000 training images
     assert len(calls) == steps
+
+
+def test_plan_groups_by_stream_and_teacher_and_splits_for_idle_workers(smoke_cfg):
+    from cohorts import plan_cohorts
+
+    base = smoke_cfg(teacher="runs/t", epochs=2)
+    cfgs = [
+        replace(base, method="kd", seed=0, data_seed=0),  # 0: stream 0
+        replace(base, method="at", seed=0, data_seed=0),  # 1: stream 0, same teacher
+        replace(base, method="ce", seed=0, data_seed=0),  # 2: no teacher: joins stream 0's cohort
+        replace(base, method="kd", seed=1, data_seed=1),  # 3: another stream
+        replace(base, method="kd", seed=0, data_seed=0, teacher_amp="bf16"),  # 4: another precision
+        replace(base, method="dml", members=2, seed=0, data_seed=0),  # 5: a runner of its own: alone
+    ]
+    assert plan_cohorts(cfgs, workers=1) == [[0, 1, 2], [3], [4], [5]]
+    assert sorted(map(len, plan_cohorts(cfgs, workers=5))) == [1, 1, 1, 1, 2]
+
+
+def test_a_sweep_in_cohorts_gives_the_runs_it_gives_one_by_one(smoke_cfg, smoke_teacher, tmp_path):
+    from sweeps import sweep
+
+    base = smoke_cfg(method="at", teacher=smoke_teacher.run_dir, epochs=1, threads=1)
+    grid = {"feat_weight": [10.0, 100.0], "method": ["at", "sp"]}
+    one_by_one = sweep(replace(base, out_dir=str(tmp_path / "a")), grid, seeds=[0], jobs=1, cohorts=False)
+    in_cohorts = sweep(replace(base, out_dir=str(tmp_path / "b")), grid, seeds=[0], jobs=2)
+    for col in ("val_top1", "test_top1", "val_loss"):
+        assert one_by_one[col].tolist() == in_cohorts[col].tolist()
+    assert one_by_one.attrs["best"] == in_cohorts.attrs["best"]
