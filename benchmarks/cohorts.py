@@ -1,0 +1,121 @@
+"""What cohorts save: a feature-method grid trained in cohorts against one run at a time, side by side.
+
+    python benchmarks/cohorts.py                # cpu profile, real CIFAR-10 (several minutes on 2 cores)
+    python benchmarks/cohorts.py --quick        # smoke profile, generated data: checks the script itself
+
+Rows (written to benchmarks/cohorts.json):
+- runs/hour of a grid of online-teacher feature cells x 2 seeds, ``jobs`` workers: cohorts (one
+  teacher forward per batch per cohort) vs today's one run per worker; the results must be equal;
+- the same grid with the teacher under bf16 autocast, cohorts vs one run at a time;
+- one member's share of a cohort's epoch as the cohort grows (1, 2, 4, ... members), relative to
+  one CE run's epoch: the teacher's share should fall as 1/K.
+Each comparison trains fresh run folders in a temporary directory; run it on an otherwise idle
+machine (a 2-thread job beside another busy process slows many times over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import replace
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from distiller import distill, distill_together  # noqa: E402
+from train_eval import TIMING_COLUMNS, make_config, train  # noqa: E402
+from train_kd import sweep, teacher_config  # noqa: E402
+
+CELLS = {"method": ["fitnet", "at", "sp", "rkd"], "feat_weight": [1.0, 10.0]}  # 8 online-teacher cells
+
+
+def base_config(args, out_dir: str):
+    if args.quick:
+        cfg = make_config("smoke", out_dir=out_dir, epochs=1, threads=1)
+    else:
+        cfg = make_config("cpu", data_dir=args.data_dir, out_dir=out_dir, epochs=args.epochs, subset=args.subset)
+    return cfg
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def grid_row(args, teacher: str, teacher_amp: str) -> dict:
+    """Runs/hour of the grid in cohorts vs one run per worker, each in a fresh folder; equal results."""
+    seconds, tables = {}, {}
+    for name, cohorts in (("one by one", False), ("cohorts", True)):
+        with tempfile.TemporaryDirectory() as out:
+            cfg = replace(base_config(args, out), teacher=teacher, teacher_amp=teacher_amp, method="at")
+            seconds[name], tables[name] = timed(
+                lambda cfg=cfg, cohorts=cohorts: sweep(cfg, CELLS, seeds=range(2), jobs=args.jobs, cohorts=cohorts)
+            )
+    runs = len(tables["cohorts"])
+    same = all(tables["cohorts"][c].tolist() == tables["one by one"][c].tolist() for c in ("val_top1", "test_top1"))
+    return {
+        "runs": runs,
+        "jobs": args.jobs,
+        "teacher_amp": teacher_amp,
+        "minutes_one_by_one": seconds["one by one"] / 60,
+        "minutes_cohorts": seconds["cohorts"] / 60,
+        "runs_per_hour_one_by_one": runs * 3600 / seconds["one by one"],
+        "runs_per_hour_cohorts": runs * 3600 / seconds["cohorts"],
+        "speedup": seconds["one by one"] / seconds["cohorts"],
+        "results_identical": bool(same),
+    }
+
+
+def member_share(args, teacher: str) -> list[dict]:
+    """One member's share of a cohort epoch (its wall time / K) against one CE run's epoch, K = 1, 2, 4, ..."""
+    rows = []
+    with tempfile.TemporaryDirectory() as out:
+        cfg = replace(base_config(args, out), epochs=1, teacher=teacher)
+        distill_together([replace(cfg, method="at", feat_weight=0.5)])  # warm-up: the teacher check, caches
+        ce_seconds, _ = timed(lambda: distill(replace(cfg, method="ce", name="ce")))
+        for k in args.sizes:
+            members = [replace(cfg, method="at", feat_weight=float(i + 1)) for i in range(k)]
+            seconds, results = timed(lambda members=members: distill_together(members))
+            assert not any(isinstance(r, Exception) for r in results), results
+            rows.append({"members": k, "seconds_per_member": seconds / k, "relative_to_ce": seconds / k / ce_seconds})
+    return rows
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke profile on generated data (seconds)")
+    parser.add_argument("--data-dir", default="./data")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs of every run (cpu profile)")
+    parser.add_argument("--subset", type=int, default=1000, help="training images per class (cpu profile)")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--teacher", default="", help="a trained teacher (default: the cpu profile's, trained once)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "cohorts.json"))
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as teacher_dir:
+        teacher = args.teacher or train(_teacher(args, teacher_dir)).run_dir
+        report = {
+            "profile": "smoke" if args.quick else "cpu",
+            "epochs": 1 if args.quick else args.epochs,
+            "grid_fp32": grid_row(args, teacher, "off"),
+            "grid_bf16_teacher": grid_row(args, teacher, "bf16"),
+            "member_share": member_share(args, teacher),
+            "timing_columns_ignored": TIMING_COLUMNS,
+        }
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(json.dumps(report, indent=2))
+    return report
+
+
+def _teacher(args, tmp: str):
+    """The smoke profile's teacher, or the demo's (the ``cpu`` profile's, trained once in ./runs and reused)."""
+    return teacher_config(base_config(args, tmp) if args.quick else make_config("cpu", data_dir=args.data_dir))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
