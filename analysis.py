@@ -17,6 +17,12 @@ Every choice (an epoch, a cell of a sweep) is made on the validation columns (``
 accuracy is read at the chosen point only. Runs without a validation split (``val_size=0``,
 the ``paper`` profile) fall back to the last epoch, and their "best" epoch is picked on test,
 as the published CIFAR-100 tables do; ``summarize`` says which in ``picked_by``.
+
+A failed run (one the loop marked: still at chance, see ``train_eval.chance_failure``, or
+diverged; its history's ``failed`` column holds why) is never averaged in: ``summarize`` says
+``failed``, ``summarize_seeds``, ``mean_std_table`` and ``cell_table`` leave it out and show how
+many runs failed and their seeds, ``compare`` leaves out the seeds where either side failed and
+names them (``Paired.failed``), and a sweep picks only among cells none of whose runs failed.
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -34,12 +39,24 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
+# The metrics column that marks a failed run (``run_folders.FAILED_COLUMN``): its reason on every row.
+FAILED = "failed"
+
+
+def run_failure(history: pd.DataFrame) -> str | None:
+    """Why the run whose per-epoch metrics these are failed (its ``failed`` column), or None."""
+    if FAILED not in history:
+        return None
+    reasons = [v for v in history[FAILED] if isinstance(v, str) and v]
+    return reasons[-1] if reasons else None
+
 
 def summarize(history: pd.DataFrame) -> dict:
     """One run: last-epoch accuracies, and test accuracy at the epoch of best validation top-1.
 
     ``best_top1``/``best_top5`` are test accuracies at ``best_epoch``, the epoch that
-    ``picked_by`` (``val_top1`` when the run has a validation split) ranks highest.
+    ``picked_by`` (``val_top1`` when the run has a validation split) ranks highest. A failed
+    run's summary adds ``failed``: why.
     """
     picked_by = "val_top1" if "val_top1" in history else "test_top1"
     best = history.loc[history[picked_by].idxmax()]
@@ -53,7 +70,7 @@ def summarize(history: pd.DataFrame) -> dict:
         "best_epoch": int(best["epoch"]),
         "picked_by": picked_by,
         "train_seconds": history["seconds"].sum(),
-    }
+    } | ({FAILED: run_failure(history)} if run_failure(history) else {})
 
 
 ACCURACY_COLUMNS = ("last_top1", "last_top5", "best_top1", "best_top5")
@@ -73,13 +90,16 @@ def minutes_alone(run_dirs: Iterable[str]) -> pd.Series:
     differs from its run's only in ``RUN_IDENTITY``, of each run's median epoch estimate (its CPU
     time per thread where it has one, else its ``seconds``): runs that differ only in seeds do the
     same work, so that median ignores the runs that shared the cores for most of their epochs, as
-    long as most runs did not or have CPU times.
+    long as most runs did not or have CPU times. Config and metrics are read from each run's
+    checkpoint (``run_folders.run_record``): a truncated ``metrics.csv`` or an edited
+    ``config.json`` beside it is not believed; a folder without one is read from those files,
+    and refused, naming the file, where they are truncated or garbled. A failed run counts: it took its time.
     """
+    from run_folders import run_record  # reads the checkpoint, never a stale or edited view of it
+
     runs, pooled = {}, {}
     for d in dict.fromkeys(run_dirs):  # each folder once, in order
-        with open(os.path.join(d, "config.json")) as f:
-            cfg = json.load(f)
-        m = pd.read_csv(os.path.join(d, "metrics.csv"))
+        cfg, m = run_record(d)
         key = json.dumps({k: v for k, v in cfg.items() if k not in RUN_IDENTITY}, sort_keys=True)
         per_thread = (
             m["cpu_seconds"] / m["threads"] if {"cpu_seconds", "threads"} <= set(m) else m["seconds"] * math.nan
@@ -100,29 +120,63 @@ def ci95(values: Sequence[float]) -> float:
     return float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
 
 
+def _seed(run, i: int):
+    config = getattr(run, "config", None)
+    return getattr(config, "seed", i)
+
+
+def failed_runs(results: Sequence) -> dict:
+    """``{seed: reason}`` of the failed runs among ``results`` (runs with ``.history``, ``.config``)."""
+    return {_seed(r, i): run_failure(r.history) for i, r in enumerate(results) if run_failure(r.history)}
+
+
+def _failures(failed: dict, total: int) -> str:
+    """``"1 of 3 (seed 2)"``: how many runs of a group failed, and which."""
+    if not failed:
+        return ""
+    seeds = ", ".join(str(s) for s in failed)
+    return f"{len(failed)} of {total} (seed{'s' if len(failed) > 1 else ''} {seeds})"
+
+
 def summarize_seeds(results: Sequence) -> dict:
-    """Mean, sample std and 95% CI half-width over seeds of each accuracy in ``summarize``, and mean minutes."""
-    table = pd.DataFrame([summarize(r.history) for r in results])
-    out: dict = {"seeds": len(results)}
+    """Mean, sample std and 95% CI half-width over seeds of each accuracy in ``summarize``, and mean minutes.
+
+    Failed runs are left out: ``seeds`` counts the runs averaged, and where any failed, ``failed``
+    (how many) and ``failed_seeds`` say which were left out (all accuracies nan if every run failed).
+    """
+    failed = failed_runs(results)
+    trained = [r for r in results if run_failure(r.history) is None]
+    table = pd.DataFrame([summarize(r.history) for r in trained], columns=[*ACCURACY_COLUMNS, "train_seconds"])
+    out: dict = {"seeds": len(trained)}
     for col in ACCURACY_COLUMNS:
         out[col] = table[col].mean()
-        out[f"{col}_std"] = table[col].std(ddof=1) if len(results) > 1 else math.nan
+        out[f"{col}_std"] = table[col].std(ddof=1) if len(trained) > 1 else math.nan
         out[f"{col}_ci95"] = ci95(table[col])
     out["minutes"] = table["train_seconds"].mean() / 60
+    if failed:
+        out["failed"], out["failed_seeds"] = len(failed), list(failed)
     return out
 
 
 def mean_std_table(groups: Mapping[str, Sequence], columns=ACCURACY_COLUMNS) -> pd.DataFrame:
-    """One row per group of runs: ``n`` and each accuracy as "mean ± 95% CI half-width (std s)"."""
-    rows = {}
+    """One row per group of runs: ``n`` and each accuracy as "mean ± 95% CI half-width (std s)".
+
+    Failed runs are left out of ``n`` and the means; where any run failed, column ``failed`` says
+    how many of each group and their seeds ("1 of 3 (seed 2)"), and a group whose every run failed
+    shows "–".
+    """
+    rows, any_failed = {}, False
     for name, results in groups.items():
         s = summarize_seeds(results)
         rows[name] = {"n": s["seeds"]}
         for c in columns:
             ci = f"{s[c + '_ci95']:.2f}" if s["seeds"] > 1 else "–"
             std = f"{s[c + '_std']:.2f}" if s["seeds"] > 1 else "–"
-            rows[name][c] = f"{s[c]:.2f} ± {ci} (std {std})"
-    return pd.DataFrame.from_dict(rows, orient="index")
+            rows[name][c] = f"{s[c]:.2f} ± {ci} (std {std})" if s["seeds"] else "–"
+        rows[name][FAILED] = _failures(failed_runs(results), len(results))
+        any_failed |= bool(rows[name][FAILED])
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    return table if any_failed else table.drop(columns=FAILED, errors="ignore")
 
 
 @dataclass(frozen=True)
@@ -137,6 +191,7 @@ class Paired:
     ci_high: float
     p: float  # two-sided paired t-test
     seeds: tuple
+    failed: tuple = ()  # seeds left out because a run of either side failed
 
     @property
     def within_noise(self) -> bool:
@@ -145,15 +200,19 @@ class Paired:
 
     def __str__(self) -> str:
         ci = f"95% CI {self.ci_low:+.2f} to {self.ci_high:+.2f}, p = {self.p:.3g}, n = {self.n}"
+        if self.failed:
+            seeds = ", ".join(map(str, self.failed))
+            ci += f"; seed{'s' if len(self.failed) > 1 else ''} {seeds} left out: failed runs"
         if self.within_noise:
             return f"{self.diff:+.2f} points: within noise ({ci})"
         return f"{self.diff:+.2f} points ({ci})"
 
 
-def _by_seed(runs, metric: str) -> dict:
-    """``{seed: value}`` from runs (``.config.seed`` and ``.history``), a mapping, or plain numbers."""
+def _by_seed(runs, metric: str) -> tuple[dict, set]:
+    """``({seed: value}, {seeds of failed runs})`` from runs (``.config.seed`` and ``.history``), a
+    mapping, or plain numbers."""
     if isinstance(runs, Mapping):
-        return {k: float(v) for k, v in runs.items()}
+        return {k: float(v) for k, v in runs.items()}, set()
     runs = list(runs)
     if runs and hasattr(runs[0], "history"):
         values = {}
@@ -161,8 +220,8 @@ def _by_seed(runs, metric: str) -> dict:
             if r.config.seed in values:
                 raise ValueError(f"two runs with seed {r.config.seed}: a paired comparison needs one per seed")
             values[r.config.seed] = float(summarize(r.history)[metric])
-        return values
-    return {i: float(v) for i, v in enumerate(runs)}  # plain numbers: paired by position
+        return values, set(failed_runs(runs))
+    return {i: float(v) for i, v in enumerate(runs)}, set()  # plain numbers: paired by position
 
 
 def compare(a, b, metric: str = "last_top1") -> Paired:
@@ -171,12 +230,16 @@ def compare(a, b, metric: str = "last_top1") -> Paired:
     ``a``/``b``: lists of runs (matched by ``config.seed``; ``metric`` is a ``summarize`` key),
     ``{seed: value}`` mappings, or equal-length lists of numbers (matched by position).
     Returns the mean difference ``a - b``, its 95% confidence interval (t with n - 1 dof) and
-    the paired t-test's p-value; a difference whose CI includes zero is within noise.
+    the paired t-test's p-value; a difference whose CI includes zero is within noise. A seed
+    whose run failed on either side is left out, and named in ``failed`` (and when printed).
     """
-    va, vb = _by_seed(a, metric), _by_seed(b, metric)
-    seeds = tuple(sorted(set(va) & set(vb)))
+    (va, fa), (vb, fb) = _by_seed(a, metric), _by_seed(b, metric)
+    common = set(va) & set(vb)
+    failed = tuple(sorted(common & (fa | fb)))
+    seeds = tuple(sorted(common - set(failed)))
     if not seeds:
-        raise ValueError(f"no seed in common: a has {sorted(va)}, b has {sorted(vb)}")
+        left = f" (seeds {', '.join(map(str, failed))} left out: their runs failed)" if failed else ""
+        raise ValueError(f"no seed in common: a has {sorted(va)}, b has {sorted(vb)}{left}")
     xa, xb = np.array([va[s] for s in seeds]), np.array([vb[s] for s in seeds])
     d = xa - xb
     if len(seeds) < 2:
@@ -188,19 +251,37 @@ def compare(a, b, metric: str = "last_top1") -> Paired:
         test = stats.ttest_rel(xa, xb)
         lo, hi = test.confidence_interval(0.95)
         p = float(test.pvalue)
-    return Paired(len(seeds), float(xa.mean()), float(xb.mean()), float(d.mean()), float(lo), float(hi), p, seeds)
+    return Paired(
+        len(seeds), float(xa.mean()), float(xb.mean()), float(d.mean()), float(lo), float(hi), p, seeds, failed
+    )
+
+
+def failed_rows(df: pd.DataFrame) -> pd.Series:
+    """Which rows of a table of runs (a sweep's) are failed runs: a reason in column ``failed``."""
+    if FAILED not in df:
+        return pd.Series(False, index=df.index)
+    return df[FAILED].map(lambda v: isinstance(v, str) and bool(v))
 
 
 def cell_table(df: pd.DataFrame, keys: Sequence[str], columns=("val_top1", "test_top1")) -> pd.DataFrame:
     """A sweep's cells (one row each, ``keys`` as the index): n, and each column's mean and 95% CI half-width
-    over seeds; the cell picked on validation (``best``) is flagged."""
-    groups = df.groupby(list(keys))
-    table = groups.size().to_frame("n")
+    over seeds; the cell picked on validation (``best``) is flagged. Failed runs are left out of
+    ``n`` and the means; where any run failed, ``failed`` counts each cell's and ``failed_seeds`` names them."""
+    failed = failed_rows(df)
+    trained = df[~failed]
+    groups = trained.groupby(list(keys))
+    cells = df.groupby(list(keys)).size().index  # every cell, even one whose every run failed
+    table = groups.size().reindex(cells, fill_value=0).to_frame("n")
     for col in columns:
-        table[col] = groups[col].mean()
-        table[f"{col}_ci95"] = groups[col].agg(ci95)
+        table[col] = groups[col].mean().reindex(cells)
+        table[f"{col}_ci95"] = groups[col].agg(ci95).reindex(cells)
+    if failed.any():
+        lost = df[failed].groupby(list(keys))
+        table[FAILED] = lost.size().reindex(cells, fill_value=0)
+        seeds = lost["seed"].agg(lambda s: ", ".join(str(v) for v in sorted(s))) if "seed" in df else lost.size() * ""
+        table["failed_seeds"] = seeds.reindex(cells, fill_value="")
     if "best" in df:
-        table["picked"] = groups["best"].any().map({True: "← picked", False: ""})
+        table["picked"] = df.groupby(list(keys))["best"].any().map({True: "← picked", False: ""})
     return table
 
 
@@ -224,7 +305,8 @@ def compare_columns(df: pd.DataFrame, by: str, baseline: str, columns: Sequence[
 
 
 def compare_table(groups: Mapping[str, Sequence], baseline: str, metric: str = "last_top1") -> pd.DataFrame:
-    """Each group against ``baseline``, paired by seed: one row of ``compare`` per group."""
+    """Each group against ``baseline``, paired by seed: one row of ``compare`` per group (where a run
+    failed, column ``failed_seeds`` names the seeds left out of its row)."""
     rows = {}
     for name, runs in groups.items():
         if name == baseline:
@@ -237,8 +319,12 @@ def compare_table(groups: Mapping[str, Sequence], baseline: str, metric: str = "
             "ci_high": c.ci_high,
             "p": c.p,
             "verdict": "within noise" if c.within_noise else ("better" if c.diff > 0 else "worse"),
+            "failed_seeds": ", ".join(map(str, c.failed)),
         }
-    return pd.DataFrame.from_dict(rows, orient="index")
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    if not any(r["failed_seeds"] for r in rows.values()):
+        table = table.drop(columns="failed_seeds", errors="ignore")
+    return table
 
 
 def plot_seeds(ax, results: Sequence, column: str, label: str | None = None, **style):

@@ -15,6 +15,7 @@ import functools
 import hashlib
 import os
 import pickle
+import zipfile
 from dataclasses import asdict, is_dataclass
 
 import torch
@@ -87,23 +88,102 @@ def _file_digest(file: str, size: int, mtime_ns: int) -> str:
     return state_digest(read_checkpoint(file)["model"])[:16]
 
 
-def read_checkpoint(path: str, map_location="cpu") -> dict:
+ZIP_MAGIC = b"PK\x03\x04"  # how every file torch.save writes (its zip format) begins
+
+
+def _cut_short(path: str) -> bool:
+    """Whether ``path`` holds the start of a zip archive (torch's format) without its end."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return ZIP_MAGIC.startswith(head) and not zipfile.is_zipfile(path)
+
+
+def _unreadable(path: str, err: Exception) -> ValueError:
+    """Why ``path`` could not be read, and what to do (torch raises a RuntimeError, EOFError,
+    ``OSError: [Errno 22]``, KeyError or UnpicklingError for a cut-short or foreign file, none naming it)."""
+    if isinstance(err, PermissionError):
+        return ValueError(f"cannot read checkpoint {path}: permission denied; make it readable or copy it")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if _cut_short(path):
+        size = os.path.getsize(path)
+        detail = f"{size} bytes, the end of the archive is missing" if size else "an empty file"
+    elif head.startswith(ZIP_MAGIC) or head[:1] == b"\x80":  # a whole archive, or torch's older pickle format
+        detail = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no message'}"
+    else:
+        return ValueError(
+            f"cannot read checkpoint {path}: not a PyTorch file (it starts with {head!r}); pass a .pt file "
+            "written by torch.save (this project's, RepDistiller/mdistiller's, a VGG state_dict), a run folder "
+            "or hub:<name>"
+        )
+    return ValueError(f"cannot read checkpoint {path} ({detail}); it may be truncated: delete it and rerun")
+
+
+def read_checkpoint(path: str, map_location="cpu", mmap: bool = False) -> dict:
     """The checkpoint's contents, unpickled with ``weights_only=True``: tensors and plain values
     only, so no code in the file ever runs. Another codebase's file comes back as this project's
-    (``foreign_checkpoint``): ``arch`` and ``model`` in this project's key names, and ``format``."""
+    (``foreign_checkpoint``): ``arch`` and ``model`` in this project's key names, and ``format``.
+    A truncated, damaged or foreign file is a ``ValueError`` naming it and what to do. ``mmap``:
+    map the tensors instead of reading them (to read a run's config and metrics cheaply)."""
     path = resolve_checkpoint(path)
+    mmap = mmap and zipfile.is_zipfile(path)  # torch maps only its zip format
     try:
         with torch.serialization.safe_globals([collections.Counter]):  # MultiStepLR keeps its milestones in one
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+            ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise
     except pickle.UnpicklingError as err:
+        if _cut_short(path):  # the first bytes of an archive are no pickle: cut short, not crafted
+            raise _unreadable(path, err) from err
         raise ValueError(
             f"refusing to load {path}: it holds Python objects beyond tensors and plain values, and unpickling "
             f"them could run code ({str(err).splitlines()[0]}). Load only checkpoints from a source you trust; "
             "this project writes its own with save_checkpoint."
         ) from err
-    except (RuntimeError, EOFError) as err:
-        raise ValueError(f"cannot read checkpoint {path} ({err}); it may be truncated: delete it and rerun") from err
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError, TypeError) as err:
+        raise _unreadable(path, err) from err
     return ckpt if isinstance(ckpt, dict) and "arch" in ckpt else foreign_checkpoint(ckpt, path)
+
+
+def _listed(keys: list[str]) -> str:
+    return ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+
+def _describe(arch: dict | None) -> str:
+    """``{'name': 'vgg8', 'num_classes': 10, 'width': 0.25}`` -> ``"a vgg8 (num_classes 10, width 0.25)"``."""
+    if not arch:
+        return ""
+    rest = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in arch.items() if k != "name")
+    return f"a {arch.get('name')} ({rest})"
+
+
+def load_weights(model: nn.Module, state, path: str) -> nn.Module:
+    """``model.load_state_dict(state)``, or a ``ValueError`` naming ``path`` and every key that does
+    not fit (missing, unexpected, of another shape) instead of torch's RuntimeError without the file."""
+    own = model.state_dict()
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds no state_dict of tensors under 'model'; it is not a checkpoint of a network")
+    problems = []
+    shapes = [
+        f"{k} {tuple(state[k].shape)} (the network's: {tuple(v.shape)})"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    for what, keys in (
+        ("missing", [k for k in own if k not in state]),
+        ("unexpected", [k for k in state if k not in own]),
+        ("of another shape", shapes),
+    ):
+        if keys:
+            problems.append(f"{what}: {_listed(keys)}")
+    desc = _describe(getattr(model, "arch", None)) or type(model).__name__
+    if problems:
+        raise ValueError(f"{path} does not hold the weights of {desc}: " + "; ".join(problems))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{path} does not hold the weights of {desc}: {' '.join(str(err).split())}") from err
+    return model
 
 
 def load_checkpoint(path: str, map_location="cpu", arch: str | None = None) -> tuple[nn.Module, dict]:
@@ -115,14 +195,18 @@ def load_checkpoint(path: str, map_location="cpu", arch: str | None = None) -> t
     file's network, width and class count are read from its keys and shapes; ``arch`` (a registered
     name) only confirms them. The returned checkpoint always holds ``arch`` and ``model`` in this
     project's layout, and ``format``: where the file came from."""
+    path = resolve_checkpoint(path)  # errors name the file, not its folder
     ckpt = read_checkpoint(path, map_location)
     spec = dict(ckpt["arch"])
     if arch is not None and arch != spec["name"]:
         raise ValueError(f"{path} holds a {spec['name']} (width {spec['width']:g}), not the {arch} it was named as")
     from model import create_model  # model.py re-exports this module: imported here, not at the top
 
-    model = create_model(spec.pop("name"), **spec)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = create_model(spec.pop("name"), **spec)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: its architecture {dict(ckpt['arch'])} cannot be built ({err})") from err
+    load_weights(model, ckpt["model"], path)
     return model.to(map_location) if map_location else model, ckpt
 
 
@@ -207,8 +291,15 @@ def infer_arch(state: dict) -> dict:
             f"known: {', '.join(f'{n} {[len(s) for s in st]}' for n, st in vgg.STAGES.items())}"
         )
     mlp = "classifier.6.weight" in state
+    head_key = "classifier.6.weight" if mlp else "classifier.weight"
+    if head_key not in state or "stages.0.0.weight" not in state:
+        missing = [k for k in ("stages.0.0.weight", head_key) if k not in state]
+        raise ValueError(
+            f"no {' and no '.join(missing)}: a VGG's width and class count are read from its first convolution "
+            "and its classifier, so the file is incomplete or not a whole network"
+        )
     width = state["stages.0.0.weight"].shape[0] / 64
-    head = state["classifier.6.weight" if mlp else "classifier.weight"]
+    head = state[head_key]
     return {"name": names[0] + ("_tv" if mlp else ""), "num_classes": head.shape[0], "width": width}
 
 

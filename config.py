@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 
@@ -234,25 +235,46 @@ def check_config(cfg: Config) -> None:
     for key, value in cfg.fields_dict().items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{key}={value} is not a finite number")
-    for key in ("epochs", "batch_size", "members"):
+    for key in ("epochs", "batch_size", "members", "teacher_epochs", "n_seeds"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key} must be >= 1, got {getattr(cfg, key)}")
-    for key in ("subset", "val_size", "threads", "teacher_threads", "seed", "data_seed", "split_seed"):
+    for key in ("subset", "val_size", "threads", "teacher_threads", "seed", "data_seed", "split_seed", "budget"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"{key} must be >= 0, got {getattr(cfg, key)}")
     for key in ("width", "teacher_width"):
         if getattr(cfg, key) <= 0:
             raise ValueError(f"{key} must be > 0, got {getattr(cfg, key)}")
-    if cfg.lr < 0:
-        raise ValueError(f"lr must be >= 0, got {cfg.lr}")
+    for key in ("lr", "weight_decay", "crop_pad"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"{key} must be >= 0, got {getattr(cfg, key)}")
     if not 0 <= cfg.momentum < 1:
         raise ValueError(f"momentum must be in [0, 1), got {cfg.momentum}")
     if cfg.name and (os.path.basename(cfg.name) != cfg.name or cfg.name in (".", "..") or cfg.name.startswith(".")):
         raise ValueError(f"name={cfg.name!r} must be a plain folder name inside out_dir (no '/', no leading '.')")
+    if len(os.fsencode(cfg.name)) > NAME_MAX:
+        size = len(os.fsencode(cfg.name))
+        raise ValueError(f"name={cfg.name!r} is {size} bytes long; a folder name holds at most {NAME_MAX}")
+    for key in ("out_dir", "data_dir"):
+        _check_folder(key, getattr(cfg, key))
     specs = method_params() if cfg.params else {}
     for key, value in cfg.params.items():
         specs[key].validate(value)
     _check_split(cfg)
+
+
+NAME_MAX = 255  # bytes in one file name, on every common file system
+
+
+def _check_folder(key: str, path: str) -> None:
+    """A folder a run writes to must be one, or be creatable: no file where it or a parent should be."""
+    if not path:
+        raise ValueError(f"{key} is empty: give a folder (e.g. {key}=.)")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "is a file" if existing == os.path.abspath(path) else f"is under {existing}, a file"
+        raise ValueError(f"{key}={path!r} {where}, not a folder: give a folder")
 
 
 def _check_split(cfg: Config) -> None:
@@ -353,9 +375,17 @@ def _recipe_value(method, p: Param) -> str:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """The config an argparse namespace from ``build_parser`` describes (other options ignored)."""
+    """The config an argparse namespace from ``build_parser`` describes (other options ignored); an
+    error about a value given on the command line names its option (``argument --lr: ...``)."""
     values = {k: v for k, v in vars(args).items() if k in config_keys()}
-    return make_config(values.pop("profile", "cpu"), **values)
+    profile = values.pop("profile", "cpu")
+    try:
+        return make_config(profile, **values)
+    except ValueError as err:
+        key = re.match(r"\w+", str(err))
+        if key is None or key[0] not in values:
+            raise
+        raise ValueError(f"argument {_flags(key[0])[0]}: {err}") from None
 
 
 def run_cli(parser: argparse.ArgumentParser, body, argv=None):

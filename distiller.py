@@ -10,6 +10,7 @@ run through ``runs.train``; methods with a runner of their own (``Method.run``) 
 
 from __future__ import annotations
 
+import errno
 import inspect
 import json
 import os
@@ -20,10 +21,10 @@ from torch import nn
 import data_utils
 from atomic_files import atomic_write_text
 from checkpoints import load_checkpoint, state_digest
-from config import Config
+from config import Config, check_config
 from distributed import distributed, is_main_process
 from registry import METHODS, loss_methods, resolve_recipe
-from run_folders import run_identity
+from run_folders import run_dir_for, run_identity, same_run
 from runs import RunResult, make_loaders, train, train_together
 from teacher_cache import use_teacher_cache
 from train_eval import evaluate
@@ -172,12 +173,18 @@ def get_method(name: str):
     return built
 
 
+def teacher_check_path(cfg: Config) -> str:
+    """Where ``verify_teacher`` stores its check of ``cfg.teacher`` on ``cfg``'s data."""
+    ident = run_identity(cfg)
+    return os.path.join(cfg.out_dir, "teacher_checks", f"{ident['teacher']}-{ident.get('data', 'nodata')}.json")
+
+
 def verify_teacher(cfg: Config) -> dict:
     """The teacher's validation and test accuracy, measured the first time it is used on this data
     (``<out_dir>/teacher_checks/<teacher>-<data>.json``), printed, and refused at chance level
-    unless ``cfg.trust_teacher``."""
-    ident = run_identity(cfg)
-    path = os.path.join(cfg.out_dir, "teacher_checks", f"{ident['teacher']}-{ident.get('data', 'nodata')}.json")
+    unless ``cfg.trust_teacher``. Where ``out_dir`` cannot be written (a read-only results mount),
+    the check is made every time instead of being stored."""
+    path = teacher_check_path(cfg)
     if os.path.isfile(path):
         with open(path) as f:
             check = json.load(f)
@@ -187,8 +194,14 @@ def verify_teacher(cfg: Config) -> dict:
         check = {"teacher": cfg.teacher, "test_top1": evaluate(teacher, loaders.test)["top1"]}
         if loaders.val is not None:
             check["val_top1"] = evaluate(teacher, loaders.val)["top1"]
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_write_text(path, json.dumps(check, indent=2))
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            atomic_write_text(path, json.dumps(check, indent=2))
+        except PermissionError:
+            pass  # not stored: measured again next time
+        except OSError as err:
+            if err.errno != errno.EROFS:
+                raise
         if is_main_process():
             shown = ", ".join(f"{k} {v:.2f}%" for k, v in check.items() if k != "teacher")
             print(f"teacher {cfg.teacher}: {shown}")
@@ -201,12 +214,53 @@ def verify_teacher(cfg: Config) -> dict:
     return check
 
 
+def checks_teacher(cfg: Config) -> bool:
+    """Whether ``distill(cfg)`` checks its teacher (``verify_teacher``): the methods with a loss."""
+    return METHODS.get(cfg.method).run is None
+
+
+def teacher_checks(configs: list[Config]) -> None:
+    """Check every teacher that ``distill`` would check for ``configs``, each once (a sweep does it
+    before its workers start, so they read the stored check instead of each measuring it)."""
+    seen = set()
+    for cfg in configs:
+        if not checks_teacher(cfg):
+            continue
+        check_method_inputs(cfg)
+        path = teacher_check_path(cfg)
+        if path not in seen:
+            seen.add(path)
+            verify_teacher(cfg)
+
+
+def check_run_folder(cfg: Config) -> None:
+    """Refuse up front a run named with ``cfg.name`` whose folder holds another config's run (before
+    the teacher is checked or anything is written); only the checkpoint is authoritative."""
+    if not cfg.name:
+        return
+    run_dir = run_dir_for(cfg)
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.isfile(path):
+        return
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("config")
+    except Exception:
+        return  # unreadable: the run's own reading of it names the file and the remedy
+    if not same_run(saved, cfg):
+        raise ValueError(
+            f"name={cfg.name!r}: {run_dir} holds a run with a different config; "
+            "pick another --name or delete the folder"
+        )
+
+
 def distill(cfg: Config) -> RunResult:
     """Train (or reuse) the run ``cfg`` describes: a student distilled with ``cfg.method``'s loss, or
     any registered method through its own run function (``ce``: plain training; ``dml``: a cohort;
     ``partition``: the specialists' first stage)."""
     method = METHODS.get(cfg.method)  # a bad name fails before any data is read
+    check_config(cfg)  # a bad name or out_dir fails before anything is written
     check_method_inputs(cfg)
+    check_run_folder(cfg)
     if method.run is not None:
         return method.run(cfg)
     verify_teacher(cfg)
@@ -231,7 +285,9 @@ def distill_together(cfgs: list[Config]) -> list[RunResult | Exception]:
         try:
             if not shares_a_stream(cfg):
                 raise ValueError(f"method {cfg.method!r} trains with a runner of its own, not in a cohort")
+            check_config(cfg)  # as distill does: nothing written for a config that cannot run
             check_method_inputs(cfg)
+            check_run_folder(cfg)
             if METHODS.get(cfg.method).build is not None:
                 verify_teacher(cfg)
             members.append(i)

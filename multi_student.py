@@ -167,15 +167,28 @@ def main(argv=None) -> dict:
     )
     group.add_argument("--head-epochs", type=int, default=10, help="specialists: epochs of the head stage")
 
+    from distiller import check_run_folder
+    from sweeps import RunsFailed
+
     def body(args) -> tuple[str, Config, dict]:
         width_given = hasattr(args, "width")
         cfg = config_from_args(args)
         method = cfg.method if args.group == ENSEMBLE else args.group
         if METHODS.get(method).needs_teacher and not cfg.teacher:
             raise ValueError(f"--group {args.group} (method {method}) needs --teacher RUN_OR_CHECKPOINT")
+        if cfg.name and {ENSEMBLE: cfg.members > 1, "specialists": True}.get(args.group, False):
+            raise ValueError(
+                f"argument --name: --group {args.group} trains several runs, each in a folder named for its "
+                f"config; drop --name {cfg.name}"
+            )
         if cfg.budget and not width_given:
             cfg = replace(cfg, width=budget_width(cfg, cfg.members, args.group))
-        return args.group, cfg, run_group(cfg, args.group, args.head_epochs)
+        # a named run whose folder holds another config's run: refused before anything is written
+        check_run_folder(ensemble_configs(cfg, 1)[0] if args.group == ENSEMBLE else replace(cfg, method=args.group))
+        try:
+            return args.group, cfg, run_group(cfg, args.group, args.head_epochs)
+        except RunsFailed as err:  # failed members: a message (their folders keep what was saved)
+            raise ValueError(str(err)) from err
 
     name, cfg, out = run_cli(parser, body, argv)
     if is_main_process():

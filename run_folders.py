@@ -3,21 +3,33 @@
     runs/<name>/config.json     the run's config (``Config.to_dict``: fields and method parameters)
     runs/<name>/metrics.csv     one row per epoch
     runs/<name>/checkpoint.pt   the last epoch: weights, architecture, config, metrics, optimizer state
+    runs/<name>/FAILED          only in a run that failed: why (at chance, or a diverged loss)
 
 A run's name hashes its identity, the values that decide what it computes, so equal configs
 share a folder and a finished run is found again instead of being retrained.
+
+The checkpoint is the record of what was trained: ``config.json``, ``metrics.csv`` and
+``FAILED`` are views of it for people and other tools (``checkpoint_views``). A run folder that
+is reused gets them rewritten where they disagree with it (``repair_run_folder``), and
+``load_history``, ``load_config`` and ``run_record`` read the checkpoint, never the views, where
+there is one. Only a folder without a checkpoint (written by hand, or by other code) is read
+from its files, and a truncated or garbled one is refused with its name.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
+import warnings
 
 import pandas as pd
 
 import data_utils
-from checkpoints import file_digest
+from atomic_files import atomic_write_text
+from checkpoints import file_digest, read_checkpoint
 from config import Config
 from registry import METHODS, resolve_recipe
 
@@ -89,13 +101,154 @@ def same_run(saved: dict | None, cfg: Config) -> bool:
     return saved is not None and run_identity(Config(**saved)) == run_identity(cfg)
 
 
+# The metrics column that marks a failed run (its reason on every row; absent in a run that trained)
+FAILED_COLUMN = "failed"
+FAILED_FILE = "FAILED"
+
+
+def history_frame(metrics, failed: str | None = None) -> pd.DataFrame:
+    """A run's per-epoch metrics as a table; a failed run's carry its reason in column ``failed``."""
+    frame = pd.DataFrame(metrics)
+    if failed:
+        frame[FAILED_COLUMN] = failed
+    return frame
+
+
+def checkpoint_views(ckpt: dict) -> dict[str, str | None]:
+    """The text each view file of a run folder must hold, from its checkpoint (None: no such file)."""
+    failed = ckpt.get("failed")
+    return {
+        "config.json": json.dumps(ckpt["config"], indent=2),
+        "metrics.csv": history_frame(ckpt["metrics"], failed).to_csv(index=False),
+        FAILED_FILE: f"{failed}\n" if failed else None,
+    }
+
+
+def _text(path: str) -> str | None:
+    """A view file's text (undecodable bytes replaced, so garbage compares unequal), None if absent."""
+    try:
+        with open(path, encoding="utf-8", errors="replace", newline="") as f:
+            return f.read()
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+
+
+def repair_run_folder(run_dir: str, ckpt: dict) -> list[str]:
+    """Rewrite (or remove) every view file of ``run_dir`` that disagrees with its checkpoint ``ckpt``:
+    a ``metrics.csv`` truncated or garbled, a ``config.json`` edited by hand, a stale ``FAILED``.
+    Returns the names rewritten, and warns naming them; a healthy folder is left untouched."""
+    repaired = []
+    for name, text in checkpoint_views(ckpt).items():
+        path = os.path.join(run_dir, name)
+        if text is None:
+            if os.path.lexists(path):
+                os.remove(path)
+                repaired.append(name)
+        elif _text(path) != text:
+            atomic_write_text(path, text)
+            repaired.append(name)
+    if repaired:
+        warnings.warn(
+            f"{run_dir}: {', '.join(repaired)} disagreed with checkpoint.pt (the record of what was trained); "
+            "rewritten from it",
+            stacklevel=2,
+        )
+    return repaired
+
+
+def set_failure_mark(run_dir: str, reason: str | None) -> None:
+    """Write ``FAILED`` (the reason a run failed) in ``run_dir``, or remove it when ``reason`` is None."""
+    path = os.path.join(run_dir, FAILED_FILE)
+    if reason:
+        atomic_write_text(path, f"{reason}\n")
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def failure_mark(run_dir: str) -> str | None:
+    """Why the run in ``run_dir`` failed (its ``FAILED`` file), or None."""
+    text = _text(os.path.join(run_dir, FAILED_FILE))
+    return None if text is None else (text.strip() or "failed")
+
+
+def _checkpoint_of(run_dir: str) -> dict | None:
+    """The run folder's checkpoint (tensors mapped, not read), None without one; it must be a run's."""
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.isfile(path):
+        return None
+    ckpt = read_checkpoint(path, mmap=True)
+    if not isinstance(ckpt.get("config"), dict) or not isinstance(ckpt.get("metrics"), list):
+        raise ValueError(
+            f"{path} holds no run's config and metrics (a {ckpt.get('format', 'bare')} checkpoint?); "
+            "a run folder's checkpoint is written by its run"
+        )
+    return ckpt
+
+
+def _read_json(path: str) -> dict:
+    text = _text(path)
+    if text is None:
+        raise FileNotFoundError(f"no {os.path.basename(path)} in {os.path.dirname(path)} (and no checkpoint.pt)")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): truncated or edited; no checkpoint to rebuild it") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a {type(value).__name__}, not a config")
+    return value
+
+
+def _read_metrics(path: str) -> pd.DataFrame:
+    """``metrics.csv`` of a folder without a checkpoint, refused where it is truncated or garbled."""
+    text = _text(path)
+    if text is None:
+        raise FileNotFoundError(f"no {os.path.basename(path)} in {os.path.dirname(path)} (and no checkpoint.pt)")
+    try:
+        rows = list(csv.reader(io.StringIO(text)))
+    except csv.Error:
+        rows = []
+    if not text.endswith("\n") or len(rows) < 2 or len({len(r) for r in rows}) != 1 or "epoch" not in rows[0]:
+        raise ValueError(
+            f"{path} is truncated or not this project's metrics (a header with 'epoch', then one full row per "
+            "epoch); with no checkpoint.pt beside it there is nothing to rebuild it from: rerun the run"
+        )
+    try:
+        return pd.read_csv(io.StringIO(text))
+    except (pd.errors.ParserError, ValueError) as err:
+        raise ValueError(f"{path} cannot be read as metrics ({err})") from err
+
+
 def load_history(run_dir: str) -> pd.DataFrame:
-    """Per-epoch metrics of a run folder."""
-    return pd.read_csv(os.path.join(run_dir, "metrics.csv"))
+    """Per-epoch metrics of a run folder, as its checkpoint holds them (with a failed run's
+    ``failed`` column); from ``metrics.csv`` only in a folder without a checkpoint."""
+    ckpt = _checkpoint_of(run_dir)
+    if ckpt is not None:
+        return history_frame(ckpt["metrics"], ckpt.get("failed"))
+    return _read_metrics(os.path.join(run_dir, "metrics.csv"))
+
+
+def _config(values: dict, source: str) -> Config:
+    try:
+        return Config(**values)
+    except TypeError as err:
+        raise ValueError(f"{source} is not a config this project can read ({err})") from err
 
 
 def load_config(run_dir: str) -> Config:
-    """The config a run folder was trained with (written before or after the method parameters
-    moved out of the fields: both are flat)."""
-    with open(os.path.join(run_dir, "config.json")) as f:
-        return Config(**json.load(f))
+    """The config a run folder was trained with, as its checkpoint holds it (a ``config.json``
+    edited by hand is not believed); from ``config.json`` only in a folder without a checkpoint
+    (written before or after the method parameters moved out of the fields: both are flat)."""
+    ckpt = _checkpoint_of(run_dir)
+    if ckpt is not None:
+        return _config(ckpt["config"], os.path.join(run_dir, "checkpoint.pt"))
+    path = os.path.join(run_dir, "config.json")
+    return _config(_read_json(path), path)
+
+
+def run_record(run_dir: str) -> tuple[dict, pd.DataFrame]:
+    """``(config as a flat dict, per-epoch metrics)`` of a run folder, read as ``load_config`` and
+    ``load_history`` read them: from the checkpoint where there is one."""
+    ckpt = _checkpoint_of(run_dir)
+    if ckpt is not None:
+        return dict(ckpt["config"]), history_frame(ckpt["metrics"], ckpt.get("failed"))
+    return _read_json(os.path.join(run_dir, "config.json")), _read_metrics(os.path.join(run_dir, "metrics.csv"))

@@ -21,12 +21,12 @@ from torch import nn
 import data_utils
 import train_eval
 from analysis import summarize
-from checkpoints import load_checkpoint, read_checkpoint
+from checkpoints import load_checkpoint, load_weights, read_checkpoint, resolve_checkpoint
 from config import Config
 from distributed import barrier, distributed, is_main_process
 from model import create_model
 from registry import METHODS, resolve_recipe
-from run_folders import run_dir_for, same_run
+from run_folders import FAILED_FILE, history_frame, repair_run_folder, run_dir_for, same_run
 
 
 @dataclass
@@ -72,18 +72,27 @@ def run_lock(run_dir: str):
     import fcntl
 
     path = os.path.join(run_dir, ".lock")
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise ValueError(f"{path} is a symbolic link, not this project's lock file: delete it and rerun") from err
-        if err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
-            raise
-        yield False
-        return
-    try:
+    while True:
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise ValueError(
+                    f"{path} is a symbolic link, not this project's lock file: delete it and rerun"
+                ) from err
+            if err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            yield False
+            return
         fcntl.flock(fd, fcntl.LOCK_EX)
+        try:  # the file locked must still be the one at ``path``: a run that failed early removes its folder
+            if os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # lock the new folder instead
+    try:
         yield True
     finally:
         os.close(fd)  # closing releases the lock
@@ -112,15 +121,19 @@ def make_loaders(cfg: Config, prepare: bool = True) -> data_utils.CifarLoaders:
     )
 
 
-def finished_run(run_dir: str, cfg: Config) -> RunResult | None:
-    """The stored result if ``run_dir`` holds this config, trained to the end."""
+def finished_run(run_dir: str, cfg: Config, repair: bool = True) -> RunResult | None:
+    """The stored result if ``run_dir`` holds this config, trained to the end, read from its
+    checkpoint (the record); with ``repair``, the folder's ``config.json``, ``metrics.csv`` and
+    ``FAILED`` are rewritten where they disagree with it (``run_folders.repair_run_folder``)."""
     path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.isfile(path):
         return None
     model, ckpt = load_checkpoint(path)
     if ckpt.get("epoch") != cfg.epochs or not same_run(ckpt["config"], cfg):
         return None
-    return RunResult(model, pd.DataFrame(ckpt["metrics"]), run_dir, cfg)
+    if repair:
+        repair_run_folder(run_dir, ckpt)
+    return RunResult(model, history_frame(ckpt["metrics"], ckpt.get("failed")), run_dir, cfg)
 
 
 def build_student(cfg: Config) -> nn.Module:
@@ -128,7 +141,8 @@ def build_student(cfg: Config) -> nn.Module:
     num_classes = data_utils.DATASETS[cfg.dataset].num_classes
     student = create_model(cfg.model, num_classes=num_classes, width=cfg.width)
     if cfg.init_from:
-        student.load_state_dict(read_checkpoint(cfg.init_from)["model"])
+        path = resolve_checkpoint(cfg.init_from)
+        load_weights(student, read_checkpoint(path)["model"], path)
     return student
 
 
@@ -152,12 +166,38 @@ def train(
     _prepare(cfg)  # the data is part of the run's identity
     run_dir = run_dir_for(cfg)
     with run_lock(run_dir) as writable:  # the same run started twice: the second waits, then reuses the first's
-        done = finished_run(run_dir, cfg)
+        done = finished_run(run_dir, cfg, repair=writable)
         if done is not None:
             return done
         if not writable:
             raise ValueError(f"{run_dir} is not writable and holds no finished run of this config: pass --out-dir")
-        return _train(cfg, run_dir, make_task, wrap_loader, make_student)
+        before = set(os.listdir(run_dir)) if os.path.isdir(run_dir) else set()  # what the run did not create
+        try:
+            return _train(cfg, run_dir, make_task, wrap_loader, make_student)
+        except BaseException as err:
+            if distributed()[1] == 1:
+                with contextlib.suppress(OSError):  # the clean-up never hides the run's own error
+                    _remove_early_failure(run_dir, before, keep_mark=isinstance(err, FloatingPointError))
+            raise
+
+
+def _remove_early_failure(run_dir: str, before: set[str], keep_mark: bool = False) -> None:
+    """After a run failed before its first checkpoint, remove what it created (its ``config.json``,
+    temporaries) and then the folder if nothing else is left in it but the lock; a folder with a
+    checkpoint, or anything the run did not create, is kept. A run that diverged keeps its
+    ``config.json`` and ``FAILED`` (``keep_mark``): the folder records why it failed."""
+    if not os.path.isdir(run_dir) or os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+        return
+    keep = {"config.json", FAILED_FILE} if keep_mark and os.path.exists(os.path.join(run_dir, FAILED_FILE)) else set()
+    for name in set(os.listdir(run_dir)) - before - keep:
+        path = os.path.join(run_dir, name)
+        if os.path.isfile(path) and not os.path.islink(path):
+            os.remove(path)
+    left = set(os.listdir(run_dir))
+    if left <= {".lock"}:  # nothing but this project's lock file: the folder held nothing before the run
+        if left:
+            os.remove(os.path.join(run_dir, ".lock"))  # a run waiting for it locks afresh (see run_lock)
+        os.rmdir(run_dir)
 
 
 def _train(cfg, run_dir, make_task, wrap_loader, make_student) -> RunResult:
@@ -197,7 +237,7 @@ def train_together(
         for d in sorted(set(dirs)):  # one lock order for every process: no two cohorts wait on each other
             cfg = cfgs[dirs.index(d)]
             writable = stack.enter_context(run_lock(d))
-            out[d] = finished_run(d, cfg)
+            out[d] = finished_run(d, cfg, repair=writable)
             if out[d] is None and not writable:
                 out[d] = ValueError(f"{d} is not writable and holds no finished run of this config: pass --out-dir")
             elif out[d] is None:
@@ -256,7 +296,7 @@ def _train_together(todo, make_task, wrap_loader, share) -> dict:
             train_eval.fit_cohort(members, train_loader, loaders.test, loaders.val, teacher, features)
     out = dict(failed)
     for m in members:
-        result = RunResult(m.task.student.cpu(), pd.DataFrame(m.history), m.run_dir, m.cfg)
+        result = RunResult(m.task.student.cpu(), history_frame(m.history, m.failed), m.run_dir, m.cfg)
         out[m.run_dir] = m.error if m.error is not None else result
     return out
 

@@ -13,19 +13,24 @@ import hashlib
 import itertools
 import json
 import os
+import re
+import signal
+import sys
+import threading
+import time
 import typing
 from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 
-from analysis import summarize
+from analysis import FAILED, failed_rows, summarize
 from atomic_files import atomic_write_text
 from cohorts import plan_cohorts, run_cohort
 from config import Config, check_config, config_keys
-from distiller import distill
+from distiller import distill, teacher_checks
 from registry import resolve_recipe
-from run_folders import run_dir_for, run_name
+from run_folders import failure_mark, run_dir_for, run_name
 from runs import RunResult
 from train_eval import progress_bars, progress_enabled
 
@@ -38,6 +43,10 @@ def default_jobs(threads: int) -> int:
     return max(1, cores // (threads or cores))
 
 
+class RunsFailed(RuntimeError):
+    """Some runs of a batch failed (the others finished; their folders keep what was saved)."""
+
+
 def _run_in_worker(run, cfgs: list[Config]) -> list[dict]:
     """A cohort of runs (one run: ``run`` itself) without per-epoch bars (the sweep shows one bar over
     runs); the caller's setting is restored after it, so a notebook's later runs show theirs again."""
@@ -46,6 +55,40 @@ def _run_in_worker(run, cfgs: list[Config]) -> list[dict]:
             return run_cohort(cfgs)
         result = run(cfgs[0])
     return [{"run_dir": result.run_dir, "history": result.history}]
+
+
+def _worker_init(parent: int) -> None:
+    """Every worker process dies with the process that started it: killed with ``kill -9``, a
+    sweep's parent cannot reap its workers, which would train on (for no one) and then hang.
+
+    On Linux the kernel kills the worker when its parent dies (``PR_SET_PDEATHSIG``); everywhere a
+    watcher thread also ends it when its parent's end of the pipe closes (or, without one, when
+    ``os.getppid`` changes). A worker whose parent died while it was starting (importing) ends here.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass  # the watcher below still ends the worker
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent,), name="watch-parent", daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    """End this process once ``parent`` is gone (what was saved is kept: every file is written atomically)."""
+    import multiprocessing as mp
+    from multiprocessing.connection import wait
+
+    proxy = mp.parent_process()
+    if proxy is not None and proxy.pid == parent and proxy.sentinel is not None:
+        wait([proxy.sentinel])  # readable once the parent has exited
+    else:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+    os._exit(1)
 
 
 def run_many(
@@ -60,11 +103,19 @@ def run_many(
     (``cohorts.plan_cohorts``): the same results, the teacher's work done once. Returns, in the
     order of ``configs``, ``{"run_dir", "history"}`` or ``{"error"}`` for a run that failed; the
     others still finish. ``run`` (default ``distill``) must be importable by name.
+
+    With ``distill``, each teacher is checked here, once, before any worker starts (the workers
+    read the stored check). A worker process that dies (killed, out of memory) breaks its pool:
+    the runs it took down with it, the dead worker's included, are run again in a fresh pool and,
+    if that breaks too, each in a process of its own, so only a run whose own process died is
+    reported as failed; each resumes from its last finished epoch. Workers die with this process.
     """
     run = run or distill
     jobs = default_jobs(max(c.threads for c in configs) if configs else 1) if jobs == "auto" else jobs
-    if not isinstance(jobs, int) or jobs < 1:
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a whole number >= 1 or 'auto', got {jobs!r}")
+    if run is distill:
+        teacher_checks(configs)  # once here, not once in every worker
     from tqdm.auto import tqdm
 
     units = plan_cohorts(configs, jobs) if cohorts and run is distill else [[i] for i in range(len(configs))]
@@ -77,30 +128,106 @@ def run_many(
             bar.update(len(unit))
         bar.close()
         return out
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(_run_in_worker, run, [configs[i] for i in unit]): unit for unit in units}
-        for future in as_completed(futures):
-            unit = futures[future]
-            try:
-                results = future.result()
-            except Exception as err:  # a crashed worker (BrokenProcessPool) lands here too
-                results = [{"error": f"{type(err).__name__}: {err}"}] * len(unit)
-            for i, res in zip(unit, results, strict=True):
-                out[i] = res
-            bar.update(len(unit))
+    todo = _pool_round(run, configs, units, jobs, out, bar)
+    if sum(map(len, todo)) > 1:  # the runs a dead worker took down with its pool: again, in a fresh one
+        _rerun_note(desc, todo, "a fresh pool")
+        todo = _pool_round(run, configs, todo, jobs, out, bar)
+    if todo:  # each run in a process of its own: a death is then that run's own
+        _rerun_note(desc, todo, "a process of its own each")
+        _isolated_round(run, configs, [i for unit in todo for i in unit], jobs, out, bar)
     bar.close()
     return out
 
 
+def _rerun_note(desc: str, todo: list[list[int]], where: str) -> None:
+    print(
+        f"{desc}: a worker process died, taking down its pool; its {sum(map(len, todo))} unfinished run(s) (running or "
+        f"waiting) go again in {where}, each resuming from its last finished epoch",
+        file=sys.stderr,
+    )
+
+
+def _pool_round(run, configs: list[Config], todo: list[list[int]], jobs: int, out: list[dict], bar) -> list[list[int]]:
+    """Run the units of ``todo`` (a cohort's runs, or one run) in one pool of ``jobs`` workers; returns
+    the units lost because the pool broke."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    lost = []
+    ctx = mp.get_context("spawn")
+    workers = min(jobs, len(todo))
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),)) as pool:
+        futures = {}
+        for unit in todo:
+            try:
+                futures[pool.submit(_run_in_worker, run, [configs[i] for i in unit])] = unit
+            except BrokenProcessPool:
+                lost.append(unit)
+        for future in as_completed(futures):
+            unit = futures[future]
+            try:
+                results = future.result()
+            except BrokenProcessPool:  # not these runs' fault: a worker (maybe another's) died
+                lost.append(unit)
+                continue
+            except Exception as err:
+                results = [{"error": f"{type(err).__name__}: {err}"}] * len(unit)
+            for i, res in zip(unit, results, strict=True):
+                out[i] = res
+            bar.update(len(unit))
+    return sorted(lost)
+
+
+def _isolated_round(run, configs: list[Config], todo: list[int], jobs: int, out: list[dict], bar) -> None:
+    """Each run of ``todo`` in a process of its own (``jobs`` at a time): a death is that run's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> None:
+        out[i] = _run_isolated(run, configs[i])
+        bar.update(1)
+
+    with ThreadPoolExecutor(jobs) as threads:
+        list(threads.map(one, todo))
+
+
+def _run_isolated(run, cfg: Config) -> dict:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_isolated_main, args=(send, os.getpid(), run, cfg), daemon=True)
+    process.start()
+    send.close()
+    try:
+        result = receive.recv()
+    except EOFError:  # the process died without answering
+        result = None
+    process.join()
+    receive.close()
+    if result is not None:
+        return result
+    code = process.exitcode
+    how = f"killed by {signal.Signals(-code).name}" if code and code < 0 else f"exit code {code}"
+    return {"error": f"its process died ({how}) while it trained: rerun to resume it from its last finished epoch"}
+
+
+def _isolated_main(send, parent: int, run, cfg: Config) -> None:
+    _worker_init(parent)
+    send.send(_guarded(run, [cfg])[0])
+    send.close()
+
+
 def run_all(configs: list[Config], jobs: int | str = "auto", desc: str = "runs") -> list[RunResult]:
-    """``run_many``, then every result read back (``RunResult``, in order); raises if a run failed."""
+    """``run_many``, then every result read back (``RunResult``, in order); raises ``RunsFailed``
+    (a ``RuntimeError``) if a run failed."""
     done = run_many(configs, jobs=jobs, desc=desc)
     failed = [f"{run_name(c)}: {d['error']}" for c, d in zip(configs, done, strict=True) if "error" in d]
     if failed:
-        raise RuntimeError(f"{len(failed)} runs failed (rerun to redo only those):\n  " + "\n  ".join(failed))
+        raise RunsFailed(
+            f"{len(failed)} of {len(configs)} runs failed (the others finished; rerun to redo only those):\n  "
+            + "\n  ".join(failed)
+        )
     return [distill(c) for c in configs]  # finished: read back, not retrained
 
 
@@ -163,8 +290,12 @@ def sweep(
     and ``test_top1``/``test_top5``, and the epoch of best validation accuracy with the test
     accuracy there. The cell whose mean ``best_by`` over seeds is highest is marked in column
     ``best`` and in ``df.attrs["best"]``; choose on validation columns, report test for that cell.
-    Runs without ``threads`` set use 1 thread each. Failed runs are reported together at the
-    end (their folders keep what was saved); run the same sweep again to redo only those.
+    Runs without ``threads`` set use 1 thread each. Runs that raised are reported together at
+    the end (their folders keep what was saved); run the same sweep again to redo only those.
+    A run that trained but failed (still at chance, or diverged: its folder's ``FAILED`` mark) is
+    a result, not an error: its row's ``failed`` column says why; ``analysis.cell_table`` shows
+    each cell's failed runs (count and seeds) beside its mean, ``df.attrs["failed"]`` lists them
+    per cell, and only cells none of whose runs failed can be picked (``mark_best``).
     Each run is an ordinary, independent command, so a cluster can take them instead
     (``python train_kd.py --sweep ... --jobs 1`` per array task, or ``run_many`` under submitit).
     """
@@ -173,6 +304,9 @@ def sweep(
     rows, failed = [], []
     for (cell, seed, run_cfg), res in zip(runs, done, strict=True):
         row = {**cell, "seed": seed, "threads": run_cfg.threads}
+        if "error" in res and failure_mark(run_dir_for(run_cfg)):  # diverged: the run's result is a failure
+            rows.append({**row, "run_dir": run_dir_for(run_cfg), FAILED: failure_mark(run_dir_for(run_cfg))})
+            continue
         if "error" in res:
             failed.append(f"{run_name(run_cfg)}: {res['error']}")
             rows.append({**row, "run_dir": run_dir_for(run_cfg), "error": res["error"]})
@@ -201,23 +335,45 @@ def _sweep_metrics(history: pd.DataFrame) -> dict:
         "best_epoch": s["best_epoch"],
         "test_top1_at_best": s["best_top1"],
         "minutes": s["train_seconds"] / 60,
-    }
+    } | ({FAILED: s[FAILED]} if FAILED in s else {})
 
 
 def mark_best(df: pd.DataFrame, keys: list[str], by: str = "val_top1") -> pd.DataFrame:
-    """Mark the rows of the cell with the highest mean ``by`` over seeds (``best`` column, ``attrs``)."""
+    """Mark the rows of the cell with the highest mean ``by`` over seeds (``best`` column, ``attrs``).
+
+    Only cells none of whose runs failed (column ``failed``) can be picked; ``attrs["failed"]``
+    maps each cell with failed runs (``"T=1, kd_weight=3"``) to their ``count`` and ``seeds``."""
     if by not in df:
         raise ValueError(f"best_by={by!r} is not a column of the sweep; columns: {', '.join(df.columns)}")
-    if df[by].isna().all():
+    failed = failed_rows(df)
+    cells = df.set_index(keys).index
+    spoilt = cells.isin(cells[failed.to_numpy()])  # every run of a cell in which any run failed
+    if df.loc[~spoilt, by].isna().all():
+        if failed.any():
+            raise ValueError(
+                f"every cell of the sweep has a failed run ({int(failed.sum())} of {len(df)} runs failed: "
+                f"{', '.join(_cell_failures(df, keys, failed))}): there is no cell to pick"
+            )
         raise ValueError(f"no run has {by!r} (val_size=0 means no validation split to choose on)")
-    means = df.groupby(keys, dropna=False)[by].mean()
+    means = df[~spoilt].groupby(keys, dropna=False)[by].mean()
     best = means.idxmax()
     best = dict(zip(keys, best if isinstance(best, tuple) else (best,), strict=True))
     df = df.copy()
     df["best"] = np.logical_and.reduce([df[k] == v for k, v in best.items()])
     df.attrs["best"] = best
     df.attrs["best_by"] = by
+    df.attrs["failed"] = _cell_failures(df, keys, failed)
     return df
+
+
+def _cell_failures(df: pd.DataFrame, keys: list[str], failed: pd.Series) -> dict[str, dict]:
+    """``{"T=1": {"count": 2, "seeds": [0, 2]}}``: each cell's failed runs."""
+    out = {}
+    for values, rows in df[failed.to_numpy()].groupby(keys, dropna=False):
+        values = values if isinstance(values, tuple) else (values,)
+        label = ", ".join(f"{k}={v}" for k, v in zip(keys, values, strict=True))
+        out[label] = {"count": len(rows), "seeds": sorted(rows["seed"]) if "seed" in rows else []}
+    return out
 
 
 def _write_sweep(cfg: Config, grid: dict, df: pd.DataFrame) -> None:
@@ -229,27 +385,90 @@ def _write_sweep(cfg: Config, grid: dict, df: pd.DataFrame) -> None:
     df.attrs["path"] = path
 
 
+# fields a grid cannot sweep: they say where and under what name, not what is computed
+NOT_SWEPT = ("profile", "name", "out_dir", "seed", "data_seed")
+
+
 def parse_grid(items: list[str]) -> dict[str, list]:
-    """``["T=1,2,4", "kd_weight=1,3,9"]`` → ``{"T": [1.0, 2.0, 4.0], "kd_weight": [1.0, 3.0, 9.0]}``."""
+    """``["T=1,2,4", "kd_weight=1,3,9"]`` → ``{"T": [1.0, 2.0, 4.0], "kd_weight": [1.0, 3.0, 9.0]}``.
+
+    Each value is converted to its field's type (booleans: true/false, yes/no, 1/0); a field
+    given twice, a value given twice or one of the wrong type is refused, naming the item."""
     hints = config_keys()
-    grid = {}
+    grid: dict[str, list] = {}
     for item in items:
         key, sep, values = item.partition("=")
         key = key.strip().replace("-", "_")
-        if not sep or not values:
-            raise ValueError(f"sweep item {item!r} is not FIELD=V1,V2,...")
+        if not sep or not key or not values.strip():
+            raise ValueError(f"{item!r} is not FIELD=V1,V2,... (e.g. T=1,2,4)")
+        if key in ("seed", "data_seed"):
+            raise ValueError(f"{item!r}: seeds are not a grid field; give them with --seeds (e.g. --seeds 0-2)")
         if key not in hints:
-            raise _not_a_key(key)
-        tp = next((t for t in typing.get_args(hints[key]) if t is not type(None)), hints[key])
-        cast = (lambda v: v.lower() in ("1", "true", "yes")) if tp is bool else tp
+            raise ValueError(f"{item!r}: {_not_a_key(key)}")
+        if key in NOT_SWEPT:
+            raise ValueError(f"{item!r}: {key} says where runs go, not what they compute; it cannot be swept")
+        if key in grid:
+            raise ValueError(f"{item!r}: {key} is swept twice; give all its values in one item ({key}=V1,V2,...)")
+        tp = hints[key]
+        if type(None) in typing.get_args(tp):  # ``float | None``
+            tp = next(t for t in typing.get_args(tp) if t is not type(None))
+        cast = _caster(key, tp, item)
         grid[key] = [cast(v.strip()) for v in values.split(",")]
+        repeated = sorted({str(v) for v in grid[key] if grid[key].count(v) > 1})
+        if repeated:
+            raise ValueError(f"{item!r}: {key}={', '.join(repeated)} is given twice (it would train the same runs)")
     return grid
 
 
+def _caster(key: str, tp, item: str):
+    """The function that turns one command-line value of field ``key`` (type ``tp``) into its value."""
+    if tp not in (bool, int, float, str):
+        raise ValueError(f"{item!r}: {key} holds a list; it cannot be swept from the command line")
+    words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    kind = {bool: "true or false", int: "a whole number", float: "a number", str: "a value"}[tp]
+
+    def cast(text: str):
+        try:
+            if not text:
+                raise ValueError
+            return words[text.lower()] if tp is bool else tp(text)
+        except (ValueError, KeyError):
+            raise ValueError(f"{item!r}: {text!r} is not {kind} ({key} takes {kind})") from None
+
+    return cast
+
+
+_SEEDS = re.compile(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?")
+
+
 def parse_seeds(text: str) -> list[int]:
-    """``"0-2"`` → [0, 1, 2]; ``"0,3,5"`` → [0, 3, 5]."""
-    seeds = []
+    """``"0-2"`` → [0, 1, 2]; ``"0,3,5"`` → [0, 3, 5]; whole numbers >= 0, each once."""
+    seeds: list[int] = []
     for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        seeds += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+        match = _SEEDS.fullmatch(part)
+        if match is None:
+            raise ValueError(
+                f"seeds {text!r}: {part.strip()!r} is not a seed (a whole number >= 0) or a range LOW-HIGH; "
+                "write e.g. 0-2 or 0,3,5"
+            )
+        lo, hi = int(match[1]), int(match[2] if match[2] is not None else match[1])
+        if hi < lo:
+            raise ValueError(f"seeds {text!r}: the range {part.strip()!r} is empty; write LOW-HIGH with LOW <= HIGH")
+        for seed in range(lo, hi + 1):
+            if seed in seeds:
+                raise ValueError(f"seeds {text!r}: seed {seed} is given twice (it would train the same runs)")
+            seeds.append(seed)
     return seeds
+
+
+def parse_jobs(text: str) -> int | str:
+    """``"auto"`` or a whole number >= 1 (the ``--jobs`` option)."""
+    if text.strip() == "auto":
+        return "auto"
+    try:
+        jobs = int(text)
+    except ValueError:
+        jobs = 0
+    if jobs < 1:
+        raise ValueError(f"jobs {text!r}: give a whole number of worker processes >= 1, or auto")
+    return jobs

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import pickle
+import warnings
 
 import torch
 from torch import nn
@@ -21,6 +22,11 @@ from torch import nn
 from atomic_files import atomic_save
 from checkpoints import state_digest
 from train_eval import amp_enabled, resolve_device
+
+
+def weights_digest(model: nn.Module) -> str:
+    """Content hash of a model's weights and buffers: the teacher part of a cache key."""
+    return state_digest(model.state_dict())
 
 
 class CachedTeacherLoader:
@@ -35,7 +41,7 @@ class CachedTeacherLoader:
     def __init__(self, loader, teacher: nn.Module, cache_dir: str, amp: bool = False, dtype=torch.float16):
         self.loader, self.teacher, self.amp, self.dtype = loader, teacher, amp, dtype
         key = {
-            "teacher": state_digest(teacher.net.state_dict()),
+            "teacher": weights_digest(teacher.net),
             "stream": loader.fingerprint(),
             "amp": amp,
             "dtype": str(dtype),
@@ -63,14 +69,40 @@ class CachedTeacherLoader:
 
     def epoch_logits(self, epoch: int) -> torch.Tensor:
         path = os.path.join(self.dir, f"epoch_{epoch:04d}.pt")
-        if os.path.isfile(path):
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True)
-            except (RuntimeError, EOFError, pickle.UnpicklingError):
-                pass  # a truncated file (a killed writer before atomic saves, a full disk): compute it again
-        logits = self._compute(epoch)
-        atomic_save(logits, path)
+        logits = self._stored(path, epoch)
+        if logits is None:
+            logits = self._compute(epoch)
+            atomic_save(logits, path)
         return logits
+
+    def _stored(self, path: str, epoch: int) -> torch.Tensor | None:
+        """The logits stored at ``path``, or None: none stored yet, or a file that is truncated (a
+        killed writer before atomic saves, a full disk), damaged or not this stream's ``(n, K)``
+        tensor, which is then computed again and rewritten (with a warning naming it), so it never
+        blocks the later students on this stream."""
+        if not os.path.isfile(path):
+            return None
+        try:
+            logits = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            return None
+        except (RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError, pickle.UnpicklingError) as err:
+            problem = f"truncated or damaged ({type(err).__name__}: {' '.join(str(err).split()[:8])})"
+        else:
+            rows = len(self.loader.epoch_plan(epoch)[0])
+            classes = getattr(self.teacher.net, "num_classes", None)
+            if (
+                isinstance(logits, torch.Tensor)
+                and logits.dim() == 2
+                and len(logits) == rows
+                and classes in (None, logits.shape[1])
+                and logits.dtype == self.dtype
+            ):
+                return logits
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            problem = f"not this stream's ({rows}, {classes or 'K'}) {self.dtype} logits (it holds {shape})"
+        warnings.warn(f"teacher cache file {path} is {problem}: computing it again and rewriting it", stacklevel=2)
+        return None
 
     def __iter__(self):
         logits = self.epoch_logits(self.loader.epoch).to(self.loader.device)

@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -34,7 +35,7 @@ from checkpoints import read_checkpoint, save_checkpoint
 from config import Config
 from distributed import average_buffers, barrier, distributed, is_main_process, sum_over_ranks
 from exports import moved
-from run_folders import run_name, same_run
+from run_folders import history_frame, run_name, same_run, set_failure_mark
 
 
 class Vanilla(nn.Module):
@@ -176,6 +177,10 @@ class Member:
     start: int  # the first epoch still to train (after a resume)
     rng: tuple  # the generators' state this run's next step starts from
     callbacks: tuple = ()
+    label: str = "train"  # its name in progress bars and warnings
+    judged: bool = True  # whether the chance rule applies (``chance_failure``)
+    num_classes: int = 0
+    failed: str | None = None  # why it counts as failed (still at chance), or None
     error: Exception | None = None  # why it stopped early, in a cohort that went on
     own: list = field(default_factory=lambda: [0.0, 0.0])  # this epoch's own wall and CPU seconds
 
@@ -258,26 +263,79 @@ def _resume(task, optimizer, scheduler, run_dir: str, cfg: Config) -> tuple[int,
     ckpt = read_checkpoint(path)
     if not same_run(ckpt.get("config"), cfg):
         raise RuntimeError(f"{run_dir} holds a run with a different config; pick another --name or delete the folder")
-    state = ckpt["train_state"]
-    task.load_state_dict(state["task"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
-    return ckpt["epoch"], list(ckpt["metrics"] or [])
+    try:
+        state = ckpt["train_state"]
+        task.load_state_dict(state["task"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        return ckpt["epoch"], list(ckpt["metrics"] or [])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:  # torch names neither the file nor the fix
+        raise ValueError(
+            f"{path} cannot be resumed: its training state is missing or does not fit this run "
+            f"({type(err).__name__}: {' '.join(str(err).split())[:300]}); delete it to train the run from the start"
+        ) from err
 
 
-def _check_finite(row: dict, epoch: int, history: list) -> None:
-    """Stop before a diverged epoch overwrites the last good checkpoint."""
+def _check_finite(row: dict, epoch: int, history: list, run_dir: str | None = None) -> None:
+    """Stop before a diverged epoch overwrites the last good checkpoint; the run folder is marked
+    failed (``FAILED`` holds the reason; the checkpoint kept is the last good epoch's)."""
     if not math.isfinite(row["train_loss"]):
+        reason = f"training diverged in epoch {epoch + 1} (train loss {row['train_loss']})"
+        if run_dir and is_main_process():
+            set_failure_mark(run_dir, reason)
         kept = f"the checkpoint of epoch {len(history)} is kept" if history else "nothing was saved"
         raise FloatingPointError(
-            f"training diverged in epoch {epoch + 1} (train loss {row['train_loss']}); {kept}. "
-            "Lower the learning rate (--lr) or the loss weights and start again."
+            f"{reason}; {kept}. Lower the learning rate (--lr) or the loss weights and start again."
         )
 
 
-def _save(task, optimizer, scheduler, run_dir, cfg, history, epoch, rng: torch.Tensor) -> None:
-    atomic_write_text(os.path.join(run_dir, "metrics.csv"), pd.DataFrame(history).to_csv(index=False))
+class RunFailedWarning(UserWarning):
+    """A run that is not learning: still at chance (``chance_failure``)."""
+
+
+# "At chance": top-1 no better than chance + CHANCE_MARGIN x chance (CIFAR-10: <= 15%, CIFAR-100: <= 1.5%).
+CHANCE_MARGIN = 0.5
+
+
+def chance_patience(epochs: int) -> int:
+    """Epochs a run has before it may be judged at chance: max(3, 10% of its epochs, rounded up)."""
+    return max(3, math.ceil(0.1 * epochs))
+
+
+def chance_failure(history: list[dict], num_classes: int, epochs: int) -> str | None:
+    """Why a run counts as failed for not learning, or None.
+
+    The rule: once the run has trained ``chance_patience(epochs)`` epochs (3, or 10% of a long
+    run: 24 of 240), its latest epoch's training top-1 *and* held-out top-1 (``val_top1``, or
+    ``test_top1`` without a validation split) are both no better than chance, 100/num_classes,
+    by more than ``CHANCE_MARGIN`` of it. A slow first epoch or two is never judged; a run that
+    learns later is no longer failed (the status is the latest epoch's); a run that learned and
+    fell back to chance is. Only metrics are read, so training is the same with or without it.
+    """
+    if len(history) < chance_patience(epochs):
+        return None
+    last = history[-1]
+    chance = 100 / num_classes
+    held_out = "val_top1" if "val_top1" in last else "test_top1"
+    if last["train_top1"] <= chance * (1 + CHANCE_MARGIN) and last[held_out] <= chance * (1 + CHANCE_MARGIN):
+        return (
+            f"at chance after {last['epoch']} epochs: train top-1 {last['train_top1']:.1f}%, "
+            f"{held_out} {last[held_out]:.1f}% (chance {chance:g}%)"
+        )
+    return None
+
+
+def _judged_at_chance(task: nn.Module) -> bool:
+    """Whether the chance rule applies: the student's output layer (its last parameter) trains. A run
+    that freezes it (FitNets' stage 1, the specialists' first stage) is at chance by design."""
+    params = list(task.student.parameters())
+    return bool(params) and params[-1].requires_grad
+
+
+def _save(task, optimizer, scheduler, run_dir, cfg, history, epoch, rng: torch.Tensor, failed: str | None = None):
+    """metrics.csv, then the checkpoint (the record: ``failed`` only in a failed run's), then ``FAILED``."""
+    atomic_write_text(os.path.join(run_dir, "metrics.csv"), history_frame(history, failed).to_csv(index=False))
     train_state = {
         "task": task.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -291,7 +349,9 @@ def _save(task, optimizer, scheduler, run_dir, cfg, history, epoch, rng: torch.T
         metrics=history,
         epoch=epoch,
         train_state=train_state,
+        **({"failed": failed} if failed else {}),
     )
+    set_failure_mark(run_dir, failed)
 
 
 def _wrap_for_training(task: nn.Module, device: torch.device, cfg: Config, world: int) -> nn.Module:
@@ -370,9 +430,16 @@ def start_member(
         if is_main_process():
             os.makedirs(run_dir, exist_ok=True)
             remove_stale_temporaries(run_dir)
+            if not start:  # no checkpoint: a mark an earlier attempt left is not this run's
+                set_failure_mark(run_dir, None)
             atomic_write_text(os.path.join(run_dir, "config.json"), json.dumps(cfg.to_dict(), indent=2))
     step = _wrap_for_training(task, device, cfg, world)
-    return Member(task, step, optimizer, scheduler, cfg, run_dir, history, start, _rng_state(device), callbacks)
+    m = Member(task, step, optimizer, scheduler, cfg, run_dir, history, start, _rng_state(device), callbacks)
+    m.label = run_name(cfg) if run_dir else "train"
+    m.judged = _judged_at_chance(task)
+    m.num_classes = getattr(task.student, "num_classes", None) or _dataset_classes(cfg)
+    m.failed = chance_failure(history, m.num_classes, cfg.epochs) if m.judged else None  # a resumed run's status
+    return m
 
 
 def fit(
@@ -393,12 +460,17 @@ def fit(
     ``val_*`` columns every choice is made on). With ``run_dir`` every epoch is checkpointed and
     an earlier, unfinished run there is resumed. ``callbacks`` are called as ``cb(epoch, row)``
     after each epoch's checkpoint.
+
+    A run still at chance (``chance_failure``) is warned about (``RunFailedWarning``, naming the
+    run and the epoch) and marked failed: column ``failed`` of its history and ``metrics.csv``,
+    key ``failed`` of its checkpoint, file ``FAILED`` in its folder; it trains on (it may still
+    learn; the mark goes once it does). A diverged loss stops the run and marks it too.
     """
     member = start_member(module, train_loader, cfg, run_dir, callbacks)
     fit_cohort([member], train_loader, test_loader, val_loader)
     if member.error is not None:
         raise member.error
-    return pd.DataFrame(member.history)
+    return history_frame(member.history, member.failed)
 
 
 def fit_cohort(members: list[Member], train_loader, test_loader, val_loader=None, teacher=None, features=False):
@@ -413,7 +485,7 @@ def fit_cohort(members: list[Member], train_loader, test_loader, val_loader=None
     device = resolve_device(cfg.device)
     amp = amp_enabled(cfg, device)
     solo = len(members) == 1
-    bars = {id(m): _progress(m.cfg.epochs, run_name(m.cfg) if m.run_dir else "train", m.start) for m in members}
+    bars = {id(m): _progress(m.cfg.epochs, m.label, m.start) for m in members}
     for epoch in range(min(m.start for m in members), max(m.cfg.epochs for m in members)):
         active = [m for m in members if m.error is None and m.start <= epoch < m.cfg.epochs]
         if not active:
@@ -464,11 +536,20 @@ def _end_epoch(m: Member, epoch: int, row: dict, val_loader, test_loader, amp: b
     # share the cores (docs/commands.md, metrics.csv)
     row["cpu_seconds"] = m.own[1] + share[1]
     row["threads"] = torch.get_num_threads() if device.type == "cpu" else 0
-    _check_finite(row, epoch, m.history)
+    _check_finite(row, epoch, m.history, m.run_dir)
     m.scheduler.step()
     m.history.append(row)
+    was, m.failed = m.failed, chance_failure(m.history, m.num_classes, m.cfg.epochs) if m.judged else None
+    if m.failed and (not was or epoch == m.start) and is_main_process():
+        warnings.warn(f"run {m.label}, epoch {epoch + 1}: {m.failed}; marked failed", RunFailedWarning, 2)
     if m.run_dir and is_main_process():  # one writer; every rank holds the same weights
-        _save(m.task, m.optimizer, m.scheduler, m.run_dir, m.cfg, m.history, epoch + 1, m.rng[0])
+        _save(m.task, m.optimizer, m.scheduler, m.run_dir, m.cfg, m.history, epoch + 1, m.rng[0], m.failed)
+
+
+def _dataset_classes(cfg: Config) -> int:
+    import data_utils
+
+    return data_utils.DATASETS[cfg.dataset].num_classes
 
 
 @contextlib.contextmanager
@@ -488,6 +569,7 @@ def thread_count(threads: int):
 
 def main(argv=None):
     from config import build_parser, config_from_args, run_cli
+    from distiller import check_run_folder
     from distributed import init_distributed
     from registry import METHODS
     from runs import print_result, train
@@ -499,6 +581,7 @@ def main(argv=None):
         cfg = config_from_args(args)
         if METHODS.get(cfg.method).run is not train:  # a method with a loss or a runner of its own
             raise ValueError(f"train_eval.py trains with cross-entropy only; use train_kd.py for --method {cfg.method}")
+        check_run_folder(cfg)  # --name of a folder holding another config's run: refused before anything is written
         return train(cfg)
 
     result = run_cli(parser, body, argv)
@@ -509,10 +592,27 @@ def main(argv=None):
 __getattr__ = moved(
     __name__,
     {
-        "config": ("make_config", "check_config", "PROFILES", "CHOICES", "build_parser", "config_from_args"),
-        "registry": ("METHODS", "register_method", "resolve_recipe"),
-        "run_folders": ("run_identity", "run_dir_for", "load_history", "load_config"),
-        "runs": ("RunResult", "train", "make_loaders", "prepare_data", "finished_run", "build_student", "run_lock"),
+        "config": (
+            "USAGE_ERRORS",
+            "make_config",
+            "check_config",
+            "PROFILES",
+            "CHOICES",
+            "build_parser",
+            "config_from_args",
+        ),
+        "registry": ("METHODS", "Method", "register_method", "resolve_recipe"),
+        "run_folders": ("run_identity", "run_dir_for", "load_history", "load_config", "NOT_IN_IDENTITY"),
+        "runs": (
+            "RunResult",
+            "print_result",
+            "train",
+            "make_loaders",
+            "prepare_data",
+            "finished_run",
+            "build_student",
+            "run_lock",
+        ),
         "distributed": ("init_distributed",),
         "atomic_files": ("atomic_save",),
         "checkpoints": ("file_digest",),

@@ -37,10 +37,12 @@ from methods.kd_ls import LogitStandardKDLoss
 from registry import METHODS, loss_methods, register_method
 from runs import print_result
 from sweeps import (
+    RunsFailed,
     default_jobs,
     expand_grid,
     mark_best,
     parse_grid,
+    parse_jobs,
     parse_seeds,
     run_all,
     run_many,
@@ -124,15 +126,31 @@ def _main(args):
     if not hasattr(args, "method"):
         args.method = "kd"  # this is the distillation command line
     cfg = config_from_args(args)
+    jobs = _option("--jobs", parse_jobs, args.jobs)
     if args.demo:
         return _main_demo(cfg)
-    if args.sweep or args.seeds:  # --seeds alone: the one configuration over those seeds
-        grid = parse_grid(args.sweep) if args.sweep else {"method": [cfg.method]}
-        seeds = parse_seeds(args.seeds) if args.seeds else range(cfg.n_seeds)
-        return _main_sweep(cfg, grid, seeds, args.jobs if args.jobs == "auto" else int(args.jobs))
+    if args.sweep or args.seeds is not None:  # --seeds alone: the one configuration over those seeds
+        if cfg.name:
+            raise ValueError(
+                f"argument --name: a sweep trains many runs, each in a folder named for its config; "
+                f"drop --name {cfg.name}"
+            )
+        grid = _option("--sweep", parse_grid, args.sweep) if args.sweep else {"method": [cfg.method]}
+        seeds = _option("--seeds", parse_seeds, args.seeds) if args.seeds is not None else range(cfg.n_seeds)
+        # every run's config checked before any starts
+        _option("--sweep" if args.sweep else "--seeds", lambda g: expand_grid(cfg, g, seeds), grid)
+        return _main_sweep(cfg, grid, seeds, jobs)
     result = distill(cfg)
     print_result(result)
     return result
+
+
+def _option(flag: str, parse, value):
+    """``parse(value)``, its error naming the option ``flag``."""
+    try:
+        return parse(value)
+    except ValueError as err:
+        raise ValueError(f"argument {flag}: {err}") from None
 
 
 def _main_demo(cfg: Config) -> pd.DataFrame:
@@ -148,7 +166,12 @@ def _main_demo(cfg: Config) -> pd.DataFrame:
 
 
 def _main_sweep(cfg: Config, grid: dict, seeds, jobs) -> pd.DataFrame:
-    df = sweep(cfg, grid, seeds=seeds, jobs=jobs)
+    try:
+        df = sweep(cfg, grid, seeds=seeds, jobs=jobs)
+    except RuntimeError as err:  # failed runs: a message (their folders keep what was saved), not a traceback
+        if isinstance(err, RunsFailed) or hasattr(err, "results"):
+            raise ValueError(str(err)) from err
+        raise
     keys = list(grid)
     print(f"\nsweep: {len(df)} runs, table: {df.attrs['path']}")
     print(cell_table(df, keys).round(2).to_string())
