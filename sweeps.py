@@ -315,7 +315,7 @@ def sweep(
     df = pd.DataFrame(rows)
     _write_sweep(cfg, grid, df)
     if failed:
-        err = RuntimeError(
+        err = RunsFailed(
             f"{len(failed)} of {len(runs)} runs failed (the others finished; rerunning the sweep redoes only "
             "the missing ones):\n  " + "\n  ".join(failed)
         )

@@ -14,7 +14,7 @@ from torch import nn
 
 import data_utils
 from analysis import r_squared
-from checkpoints import read_checkpoint
+from checkpoints import load_weights, read_checkpoint
 from config import Config
 from data_utils import unaugmented
 from distiller import FrozenTeacher, load_teacher
@@ -144,7 +144,7 @@ def build_specialists(cfg: Config) -> Specialists:
     )
     check_budget(group, cfg.budget, f"{cfg.members} specialists {cfg.model} x{cfg.width:g} and their head")
     if frozen:
-        group.load_state_dict(read_checkpoint(cfg.init_from)["model"])
+        load_weights(group, read_checkpoint(cfg.init_from)["model"], cfg.init_from)
         if cfg.probe_member >= 0:  # one frozen member under a fresh linear head of its own
             if cfg.probe_member >= cfg.members:
                 raise ValueError(f"probe_member={cfg.probe_member}: the group has members 0-{cfg.members - 1}")
