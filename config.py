@@ -49,6 +49,7 @@ class Config:
     seed: int = opt(0, "run", "model initialisation")
     data_seed: int = opt(0, "run", "data stream (order, crops, flips), kept apart from the model seed")
     device: str = opt("auto", "run", "auto: cuda if available, else cpu")
+    eval_test: str = opt("end", "run", "end: test read at the last epoch and the epoch validation picks | every epoch")
     dataset: str = opt("cifar10", "data", "cifar10 | cifar100")
     data_dir: str = opt("./data", "data", "holds cifar-10-batches-py/ or cifar-100-python/")
     download: bool = opt(False, "data", "fetch the official archive if the data is missing")
@@ -210,6 +211,7 @@ CHOICES = {
     "amp": ["auto", "bf16", "off"],
     "cache_dtype": ["float16", "float32"],
     "teacher_amp": ["off", "bf16"],
+    "eval_test": ["end", "every"],
 }
 
 

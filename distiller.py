@@ -23,11 +23,11 @@ from atomic_files import atomic_write_text
 from checkpoints import load_checkpoint, state_digest
 from config import Config, check_config
 from distributed import distributed, is_main_process
+from evaluation import evaluate
 from registry import METHODS, loss_methods, resolve_recipe
 from run_folders import run_dir_for, run_identity, same_run
 from runs import RunResult, make_loaders, train, train_together
 from teacher_cache import use_teacher_cache
-from train_eval import evaluate
 
 
 class FrozenTeacher(nn.Module):

@@ -85,11 +85,13 @@ def _row(role: str, results: list[RunResult]) -> dict:
 def plot_curves(groups: dict[str, list[RunResult]], teacher: RunResult, path: str):
     import matplotlib.pyplot as plt
 
+    # validation curves: the test set is read only where it is used (the last and the picked epoch)
+    column = "val_top1" if "val_top1" in teacher.history else "test_top1"
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for label, results in groups.items():
-        plot_seeds(ax, results, "test_top1", f"{label} (n={len(results)})")
-    ax.axhline(teacher.history["test_top1"].iloc[-1], color="k", ls="--", lw=1, label="teacher (final)")
-    ax.set(xlabel="epoch", ylabel="test top-1 (%)", title="Independent vs distilled student")
+        plot_seeds(ax, results, column, f"{label} (n={len(results)})")
+    ax.axhline(teacher.history[column].iloc[-1], color="k", ls="--", lw=1, label="teacher (final)")
+    ax.set(xlabel="epoch", ylabel=f"{column.split('_')[0]} top-1 (%)", title="Independent vs distilled student")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -30,6 +30,7 @@ import data_utils
 from analysis import group_metrics
 from config import Config, build_parser, config_from_args, run_cli
 from distributed import init_distributed, is_main_process
+from evaluation import predict
 from methods.dml import Cohort, MutualLearningLoss, build_cohort, build_cohort_group, mutual_learning
 from methods.specialists import (
     PartitionLoss,
@@ -48,7 +49,6 @@ from model import Ensemble, check_budget, count_flops, count_params, ensemble, s
 from registry import METHODS, group_methods
 from runs import RunResult, make_loaders
 from sweeps import run_all
-from train_eval import predict
 
 __all__ = [
     "Cohort",

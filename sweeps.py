@@ -29,10 +29,10 @@ from atomic_files import atomic_write_text
 from cohorts import plan_cohorts, run_cohort
 from config import Config, check_config, config_keys
 from distiller import distill, teacher_checks
+from progress import progress_bars, progress_enabled
 from registry import resolve_recipe
 from run_folders import failure_mark, run_dir_for, run_name
 from runs import RunResult
-from train_eval import progress_bars, progress_enabled
 
 
 def default_jobs(threads: int) -> int:

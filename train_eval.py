@@ -15,7 +15,6 @@ Whole runs (``train``, ``make_loaders``), the config (``Config``, ``make_config`
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import json
 import math
 import os
@@ -34,7 +33,11 @@ from atomic_files import atomic_write_text, remove_stale_temporaries
 from checkpoints import read_checkpoint, save_checkpoint
 from config import Config
 from distributed import average_buffers, barrier, distributed, is_main_process, sum_over_ranks
+from evaluation import test_metrics
 from exports import moved
+from failures import RunFailedWarning, chance_failure, judged_at_chance
+from optimizers import build_optimizer, build_scheduler
+from progress import epoch_bar
 from run_folders import history_frame, run_name, same_run, set_failure_mark
 
 
@@ -71,77 +74,6 @@ def resolve_device(name: str) -> torch.device:
 
 def amp_enabled(cfg: Config, device: torch.device) -> bool:
     return cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
-
-
-def build_optimizer(module: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """Only parameters that require gradients: a frozen teacher can never get in."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(
-        params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
-    )
-
-
-def build_scheduler(optimizer, cfg: Config):
-    """Stepped once per epoch."""
-    if cfg.schedule == "multistep":
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.milestones, cfg.gamma)
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, amp: bool = False) -> dict:
-    """Mean cross-entropy, top-1 and top-5 accuracy (%) of a logits-returning model."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    loss = torch.zeros((), device=device)
-    correct = torch.zeros(2, device=device)
-    n = 0
-    for x, y, *_ in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(x)
-        logits = logits.float()
-        loss += F.cross_entropy(logits, y, reduction="sum")
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, 5)
-        hits = top == y[:, None]
-        correct += torch.stack([hits[:, 0].sum(), hits.any(1).sum()])
-        n += len(y)
-    model.train(was_training)
-    top1, top5 = (100 * correct / n).tolist()
-    return {"loss": loss.item() / n, "top1": top1, "top5": top5}
-
-
-@torch.no_grad()
-def predict(model: nn.Module, loader, amp: bool = False, output=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every logit of a pass over ``loader``: ``(logits (N, K) float32, labels (N,))`` on the CPU.
-
-    ``output(x)``, if given, is collected instead of ``model(x)`` (an embedding, say), with the
-    model in eval mode and on its device.
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    output = output or model
-    logits, labels = [], []
-    for x, y, *_ in loader:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits.append(output(x.to(device)).float().cpu())
-        labels.append(y.cpu())
-    model.train(was_training)
-    return torch.cat(logits), torch.cat(labels)
-
-
-def test_metrics(task: nn.Module, loader, amp: bool = False) -> dict:
-    """What a run reports each epoch: the task's own ``test_metrics`` if it has one (a cohort
-    adds each member's accuracy, say), else ``evaluate`` of its student."""
-    if hasattr(task, "test_metrics"):
-        return task.test_metrics(loader, amp)
-    return evaluate(task.student, loader, amp)
 
 
 def _as_task(module: nn.Module) -> nn.Module:
@@ -181,6 +113,7 @@ class Member:
     judged: bool = True  # whether the chance rule applies (``chance_failure``)
     num_classes: int = 0
     failed: str | None = None  # why it counts as failed (still at chance), or None
+    picked: dict | None = None  # the epoch validation picks so far, its val top-1 and weights (test read at the end)
     error: Exception | None = None  # why it stopped early, in a cohort that went on
     own: list = field(default_factory=lambda: [0.0, 0.0])  # this epoch's own wall and CPU seconds
 
@@ -256,10 +189,11 @@ def _train_row(sums: dict, correct: torch.Tensor, n: int, seconds: float) -> dic
     return row
 
 
-def _resume(task, optimizer, scheduler, run_dir: str, cfg: Config) -> tuple[int, list]:
+def _resume(task, optimizer, scheduler, run_dir: str, cfg: Config) -> tuple[int, list, dict | None]:
+    """The epoch to start from, the history so far and the weights validation picked so far."""
     path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.isfile(path):
-        return 0, []
+        return 0, [], None
     ckpt = read_checkpoint(path)
     if not same_run(ckpt.get("config"), cfg):
         raise RuntimeError(f"{run_dir} holds a run with a different config; pick another --name or delete the folder")
@@ -269,7 +203,7 @@ def _resume(task, optimizer, scheduler, run_dir: str, cfg: Config) -> tuple[int,
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
-        return ckpt["epoch"], list(ckpt["metrics"] or [])
+        return ckpt["epoch"], list(ckpt["metrics"] or []), state.get("picked")
     except (KeyError, TypeError, ValueError, RuntimeError) as err:  # torch names neither the file nor the fix
         raise ValueError(
             f"{path} cannot be resumed: its training state is missing or does not fit this run "
@@ -290,57 +224,16 @@ def _check_finite(row: dict, epoch: int, history: list, run_dir: str | None = No
         )
 
 
-class RunFailedWarning(UserWarning):
-    """A run that is not learning: still at chance (``chance_failure``)."""
-
-
-# "At chance": top-1 no better than chance + CHANCE_MARGIN x chance (CIFAR-10: <= 15%, CIFAR-100: <= 1.5%).
-CHANCE_MARGIN = 0.5
-
-
-def chance_patience(epochs: int) -> int:
-    """Epochs a run has before it may be judged at chance: max(3, 10% of its epochs, rounded up)."""
-    return max(3, math.ceil(0.1 * epochs))
-
-
-def chance_failure(history: list[dict], num_classes: int, epochs: int) -> str | None:
-    """Why a run counts as failed for not learning, or None.
-
-    The rule: once the run has trained ``chance_patience(epochs)`` epochs (3, or 10% of a long
-    run: 24 of 240), its latest epoch's training top-1 *and* held-out top-1 (``val_top1``, or
-    ``test_top1`` without a validation split) are both no better than chance, 100/num_classes,
-    by more than ``CHANCE_MARGIN`` of it. A slow first epoch or two is never judged; a run that
-    learns later is no longer failed (the status is the latest epoch's); a run that learned and
-    fell back to chance is. Only metrics are read, so training is the same with or without it.
-    """
-    if len(history) < chance_patience(epochs):
-        return None
-    last = history[-1]
-    chance = 100 / num_classes
-    held_out = "val_top1" if "val_top1" in last else "test_top1"
-    if last["train_top1"] <= chance * (1 + CHANCE_MARGIN) and last[held_out] <= chance * (1 + CHANCE_MARGIN):
-        return (
-            f"at chance after {last['epoch']} epochs: train top-1 {last['train_top1']:.1f}%, "
-            f"{held_out} {last[held_out]:.1f}% (chance {chance:g}%)"
-        )
-    return None
-
-
-def _judged_at_chance(task: nn.Module) -> bool:
-    """Whether the chance rule applies: the student's output layer (its last parameter) trains. A run
-    that freezes it (FitNets' stage 1, the specialists' first stage) is at chance by design."""
-    params = list(task.student.parameters())
-    return bool(params) and params[-1].requires_grad
-
-
-def _save(task, optimizer, scheduler, run_dir, cfg, history, epoch, rng: torch.Tensor, failed: str | None = None):
-    """metrics.csv, then the checkpoint (the record: ``failed`` only in a failed run's), then ``FAILED``."""
+def _save(task, optimizer, scheduler, run_dir, cfg, history, epoch, rng, failed=None, picked=None) -> None:
+    """metrics.csv, then the checkpoint (the record: ``failed`` only in a failed run's), then ``FAILED``.
+    ``picked``: the weights of the epoch validation picks so far, while their test is still to read."""
     atomic_write_text(os.path.join(run_dir, "metrics.csv"), history_frame(history, failed).to_csv(index=False))
     train_state = {
         "task": task.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": rng,
+        **({"picked": picked} if picked is not None else {}),
     }
     save_checkpoint(
         os.path.join(run_dir, "checkpoint.pt"),
@@ -362,37 +255,6 @@ def _wrap_for_training(task: nn.Module, device: torch.device, cfg: Config, world
 
         step = DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda" else None)
     return torch.compile(step) if cfg.compile else step
-
-
-# Whether runs show a progress bar: KD_PROGRESS=0 in the environment turns them off for the process,
-# ``progress_bars(False)`` for a block of code (a sweep's runs, under its own bar over runs).
-_PROGRESS: contextvars.ContextVar[bool | None] = contextvars.ContextVar("progress", default=None)
-
-
-def progress_enabled() -> bool:
-    chosen = _PROGRESS.get()
-    return os.environ.get("KD_PROGRESS", "1") != "0" if chosen is None else chosen
-
-
-@contextlib.contextmanager
-def progress_bars(enabled: bool):
-    """Show (or hide) the runs' progress bars inside the block; the setting before is restored."""
-    token = _PROGRESS.set(enabled)
-    try:
-        yield
-    finally:
-        _PROGRESS.reset(token)
-
-
-def _progress(total: int, desc: str, initial: int):
-    """One bar per run, in epochs; off where ``progress_enabled`` says so and on non-zero ranks."""
-    if not progress_enabled() or not is_main_process():
-        from tqdm import tqdm  # the plain class: tqdm.auto would warn about notebook widgets
-
-        return tqdm(total=total, disable=True)
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, initial=initial, unit="epoch", leave=True)
 
 
 # The columns of a history that differ between two runs of one config: how long, not what, it trained.
@@ -424,9 +286,9 @@ def start_member(
         task.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(task, cfg)
     scheduler = build_scheduler(optimizer, cfg)
-    start, history = 0, []
+    start, history, picked = 0, [], None
     if run_dir:
-        start, history = _resume(task, optimizer, scheduler, run_dir, cfg)  # refuses another config's folder first
+        start, history, picked = _resume(task, optimizer, scheduler, run_dir, cfg)  # refuses another config's first
         if is_main_process():
             os.makedirs(run_dir, exist_ok=True)
             remove_stale_temporaries(run_dir)
@@ -436,7 +298,8 @@ def start_member(
     step = _wrap_for_training(task, device, cfg, world)
     m = Member(task, step, optimizer, scheduler, cfg, run_dir, history, start, _rng_state(device), callbacks)
     m.label = run_name(cfg) if run_dir else "train"
-    m.judged = _judged_at_chance(task)
+    m.picked = picked
+    m.judged = judged_at_chance(task)
     m.num_classes = getattr(task.student, "num_classes", None) or _dataset_classes(cfg)
     m.failed = chance_failure(history, m.num_classes, cfg.epochs) if m.judged else None  # a resumed run's status
     return m
@@ -485,7 +348,7 @@ def fit_cohort(members: list[Member], train_loader, test_loader, val_loader=None
     device = resolve_device(cfg.device)
     amp = amp_enabled(cfg, device)
     solo = len(members) == 1
-    bars = {id(m): _progress(m.cfg.epochs, m.label, m.start) for m in members}
+    bars = {id(m): epoch_bar(m.cfg.epochs, m.label, m.start) for m in members}
     for epoch in range(min(m.start for m in members), max(m.cfg.epochs for m in members)):
         active = [m for m in members if m.error is None and m.start <= epoch < m.cfg.epochs]
         if not active:
@@ -530,7 +393,12 @@ def _end_epoch(m: Member, epoch: int, row: dict, val_loader, test_loader, amp: b
         row = {"epoch": epoch + 1, "lr": m.optimizer.param_groups[0]["lr"], **row}
         if val_loader is not None:
             row.update({f"val_{k}": v for k, v in test_metrics(m.task, val_loader, amp).items()})
-        row.update({f"test_{k}": v for k, v in test_metrics(m.task, test_loader, amp).items()})
+        if m.cfg.eval_test == "every" or epoch + 1 == m.cfg.epochs:
+            row.update({f"test_{k}": v for k, v in test_metrics(m.task, test_loader, amp).items()})
+        if m.cfg.eval_test != "every" and "val_top1" in row:
+            _keep_if_picked(m, row)
+        if epoch + 1 == m.cfg.epochs and m.picked is not None:
+            _test_picked(m, test_loader, amp)
     row["seconds"] = m.own[0] + share[0]
     # CPU time of all this process's threads: unlike ``seconds``, it barely grows while other jobs
     # share the cores (docs/commands.md, metrics.csv)
@@ -543,7 +411,27 @@ def _end_epoch(m: Member, epoch: int, row: dict, val_loader, test_loader, amp: b
     if m.failed and (not was or epoch == m.start) and is_main_process():
         warnings.warn(f"run {m.label}, epoch {epoch + 1}: {m.failed}; marked failed", RunFailedWarning, 2)
     if m.run_dir and is_main_process():  # one writer; every rank holds the same weights
-        _save(m.task, m.optimizer, m.scheduler, m.run_dir, m.cfg, m.history, epoch + 1, m.rng[0], m.failed)
+        _save(m.task, m.optimizer, m.scheduler, m.run_dir, m.cfg, m.history, epoch + 1, m.rng[0], m.failed, m.picked)
+
+
+def _keep_if_picked(m: Member, row: dict) -> None:
+    """Keep this epoch's weights if validation ranks it first so far (ties: the earlier epoch, as
+    ``analysis.summarize`` picks); the last epoch's test is read anyway."""
+    if m.picked is None or row["val_top1"] > m.picked["val_top1"]:
+        state = {k: v.detach().cpu().clone() for k, v in m.task.student.state_dict().items()}
+        m.picked = {"epoch": row["epoch"], "val_top1": row["val_top1"], "student": state}
+
+
+def _test_picked(m: Member, test_loader, amp: bool) -> None:
+    """Read the test set with the weights of the epoch validation picked, into that epoch's row; the
+    final weights are put back (what the checkpoint holds and training would continue from)."""
+    if m.picked["epoch"] < len(m.history) + 1:  # an earlier epoch than this last one
+        final = {k: v.detach().clone() for k, v in m.task.student.state_dict().items()}
+        m.task.student.load_state_dict(m.picked["student"])
+        metrics = test_metrics(m.task, test_loader, amp)
+        m.task.student.load_state_dict(final)
+        m.history[m.picked["epoch"] - 1].update({f"test_{k}": v for k, v in metrics.items()})
+    m.picked = None  # read: nothing left to keep
 
 
 def _dataset_classes(cfg: Config) -> int:
@@ -592,6 +480,9 @@ def main(argv=None):
 __getattr__ = moved(
     __name__,
     {
+        "evaluation": ("evaluate", "predict"),
+        "progress": ("progress_bars", "progress_enabled"),
+        "failures": ("RunFailedWarning", "chance_failure", "chance_patience", "CHANCE_MARGIN"),
         "config": (
             "USAGE_ERRORS",
             "make_config",

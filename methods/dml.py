@@ -14,12 +14,12 @@ import data_utils
 from analysis import group_metrics
 from config import Config
 from distiller import FrozenTeacher, load_teacher
+from evaluation import predict
 from methods.kd import KD_RECIPE, KDLoss, upcast
 from model import Ensemble, check_budget, create_model
 from registry import KD_PARAMS, METHODS, Param, non_negative, positive, register_method
 from runs import RunResult, train
 from teacher_cache import use_teacher_cache
-from train_eval import predict
 
 
 class MutualLearningLoss(nn.Module):

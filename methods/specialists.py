@@ -18,11 +18,11 @@ from checkpoints import load_weights, read_checkpoint
 from config import Config
 from data_utils import unaugmented
 from distiller import FrozenTeacher, load_teacher
+from evaluation import evaluate, predict
 from methods.kd import upcast
 from model import Specialists, check_budget, create_model
 from registry import CE_WEIGHT, Param, register_method
 from runs import RunResult, train
-from train_eval import evaluate, predict
 
 
 def partition(dim: int, k: int) -> list[torch.Tensor]:

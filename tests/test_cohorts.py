@@ -141,3 +141,23 @@ def test_a_sweep_in_cohorts_gives_the_runs_it_gives_one_by_one(smoke_cfg, smoke_
     for col in ("val_top1", "test_top1", "val_loss"):
         assert one_by_one[col].tolist() == in_cohorts[col].tolist()
     assert one_by_one.attrs["best"] == in_cohorts.attrs["best"]
+
+
+def test_test_is_read_at_the_end_and_at_the_picked_epoch_and_training_is_unchanged(smoke_cfg, tmp_path):
+    from analysis import summarize
+    from train_eval import train
+
+    every = train(smoke_cfg(epochs=4, eval_test="every", out_dir=str(tmp_path / "every")))
+    end = train(smoke_cfg(epochs=4, out_dir=str(tmp_path / "end")))  # the default: "end"
+    assert end.run_dir.split("/")[-1] == every.run_dir.split("/")[-1]  # the same run: when test is read is not
+    a, b = every.history, end.history
+    for col in [c for c in a if c.startswith(("train_", "val_")) and c != "train_images_per_s"] + ["lr"]:
+        assert a[col].tolist() == b[col].tolist(), col
+    picked = int(a["val_top1"].idxmax())
+    read = sorted({picked, len(a) - 1})
+    assert b["test_top1"].notna().tolist() == [i in read for i in range(len(b))]
+    for i in read:
+        assert b.loc[i, "test_top1"] == a.loc[i, "test_top1"] and b.loc[i, "test_loss"] == a.loc[i, "test_loss"]
+    assert summarize(a)["best_top1"] == summarize(b)["best_top1"]
+    for x, y in zip(every.model.state_dict().values(), end.model.state_dict().values(), strict=True):
+        assert torch.equal(x, y)

@@ -1,14 +1,16 @@
-"""What cohorts save: a feature-method grid trained in cohorts against one run at a time, side by side.
+"""What the sweep engine saves: cohorts, and the test set read only where it is used; side by side.
 
-    python benchmarks/cohorts.py                # cpu profile, real CIFAR-10 (several minutes on 2 cores)
-    python benchmarks/cohorts.py --quick        # smoke profile, generated data: checks the script itself
+    python benchmarks/sweep_speed.py            # cpu profile, real CIFAR-10 (several minutes on 2 cores)
+    python benchmarks/sweep_speed.py --quick    # smoke profile, generated data: checks the script itself
 
-Rows (written to benchmarks/cohorts.json):
+Rows (written to benchmarks/sweep_speed.json):
 - runs/hour of a grid of online-teacher feature cells x 2 seeds, ``jobs`` workers: cohorts (one
   teacher forward per batch per cohort) vs today's one run per worker; the results must be equal;
 - the same grid with the teacher under bf16 autocast, cohorts vs one run at a time;
 - one member's share of a cohort's epoch as the cohort grows (1, 2, 4, ... members), relative to
-  one CE run's epoch: the teacher's share should fall as 1/K.
+  one CE run's epoch: the teacher's share should fall as 1/K;
+- runs/hour of a cached-KD grid (T x KD weight, 2 seeds) with the test set read at the end (and at
+  the epoch validation picks) vs every epoch; the training columns must be equal.
 Each comparison trains fresh run folders in a temporary directory; run it on an otherwise idle
 machine (a 2-thread job beside another busy process slows many times over).
 """
@@ -37,6 +39,7 @@ def base_config(args, out_dir: str):
         cfg = make_config("smoke", out_dir=out_dir, epochs=1, threads=1)
     else:
         cfg = make_config("cpu", data_dir=args.data_dir, out_dir=out_dir, epochs=args.epochs, subset=args.subset)
+    # the grids' speed is what is measured: every cell reads the test set as the default says, unless a row sets it
     return cfg
 
 
@@ -70,6 +73,27 @@ def grid_row(args, teacher: str, teacher_amp: str) -> dict:
     }
 
 
+def test_reading_row(args, teacher: str) -> dict:
+    """Runs/hour of a cached-KD grid, test read at the end vs every epoch (both in cohorts)."""
+    grid = {"T": [2.0, 4.0], "kd_weight": [0.9, 9.0]}
+    seconds, tables = {}, {}
+    for when in ("every", "end"):
+        with tempfile.TemporaryDirectory() as out:
+            cfg = replace(base_config(args, out), teacher=teacher, method="kd", teacher_cache=True, eval_test=when)
+            cfg = replace(cfg, epochs=args.reading_epochs)
+            seconds[when], tables[when] = timed(lambda cfg=cfg: sweep(cfg, grid, seeds=range(2), jobs=args.jobs))
+    same = all(tables["end"][c].tolist() == tables["every"][c].tolist() for c in ("val_top1", "test_top1"))
+    runs = len(tables["end"])
+    return {
+        "runs": runs,
+        "epochs": args.reading_epochs,
+        "minutes_test_every_epoch": seconds["every"] / 60,
+        "minutes_test_at_end": seconds["end"] / 60,
+        "speedup": seconds["every"] / seconds["end"],
+        "results_identical": bool(same),
+    }
+
+
 def member_share(args, teacher: str) -> list[dict]:
     """One member's share of a cohort epoch (its wall time / K) against one CE run's epoch, K = 1, 2, 4, ..."""
     rows = []
@@ -92,9 +116,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--epochs", type=int, default=1, help="epochs of every run (cpu profile)")
     parser.add_argument("--subset", type=int, default=1000, help="training images per class (cpu profile)")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--reading-epochs", type=int, default=4, help="epochs of the test-reading row's runs")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--teacher", default="", help="a trained teacher (default: the cpu profile's, trained once)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "cohorts.json"))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "sweep_speed.json"))
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as teacher_dir:
         teacher = args.teacher or train(_teacher(args, teacher_dir)).run_dir
@@ -104,6 +129,7 @@ def main(argv=None) -> dict:
             "grid_fp32": grid_row(args, teacher, "off"),
             "grid_bf16_teacher": grid_row(args, teacher, "bf16"),
             "member_share": member_share(args, teacher),
+            "test_read_at_end": test_reading_row(args, teacher),
             "timing_columns_ignored": TIMING_COLUMNS,
         }
     with open(args.out, "w") as f:
