@@ -2,6 +2,9 @@
 
 evaluate(model, test_loader)                 # {"loss", "top1", "top5"}
 logits, labels = predict(model, test_loader)  # (N, K) float32 and (N,), on the CPU
+
+A run reads the test set at its last epoch and at the epoch validation picks (``keep_if_picked``,
+``read_test_at_picked``), not every epoch, unless its config asks for it (``eval_test="every"``).
 """
 
 from __future__ import annotations
@@ -61,3 +64,26 @@ def test_metrics(task: nn.Module, loader, amp: bool = False) -> dict:
     if hasattr(task, "test_metrics"):
         return task.test_metrics(loader, amp)
     return evaluate(task.student, loader, amp)
+
+
+# ----------------------------------------------------------------------------- the test set, read where it is used
+
+
+def keep_if_picked(m, row: dict) -> None:
+    """Keep this epoch's weights if validation ranks it first so far (ties: the earlier epoch, as
+    ``analysis.summarize`` picks); the last epoch's test is read anyway."""
+    if m.picked is None or row["val_top1"] > m.picked["val_top1"]:
+        state = {k: v.detach().cpu().clone() for k, v in m.task.student.state_dict().items()}
+        m.picked = {"epoch": row["epoch"], "val_top1": row["val_top1"], "student": state}
+
+
+def read_test_at_picked(m, test_loader, amp: bool) -> None:
+    """Read the test set with the weights of the epoch validation picked, into that epoch's row; the
+    final weights are put back (what the checkpoint holds and training would continue from)."""
+    if m.picked["epoch"] < len(m.history) + 1:  # an earlier epoch than this last one
+        final = {k: v.detach().clone() for k, v in m.task.student.state_dict().items()}
+        m.task.student.load_state_dict(m.picked["student"])
+        metrics = test_metrics(m.task, test_loader, amp)
+        m.task.student.load_state_dict(final)
+        m.history[m.picked["epoch"] - 1].update({f"test_{k}": v for k, v in metrics.items()})
+    m.picked = None  # read: nothing left to keep

@@ -5,10 +5,10 @@ from __future__ import annotations
 import importlib
 
 
-def moved(module: str, table: dict[str, tuple[str, ...]]):
-    """A module-level ``__getattr__`` that serves each name of ``table[new_module]`` from
-    ``new_module``, imported on first use (so the two modules may import each other)."""
-    where = {name: new for new, names in table.items() for name in names}
+def moved(module: str, table: dict[str, str]):
+    """A module-level ``__getattr__`` that serves each name of ``table[new_module]`` (names separated
+    by spaces) from ``new_module``, imported on first use (so the two modules may import each other)."""
+    where = {name: new for new, names in table.items() for name in names.split()}
 
     def __getattr__(name: str):
         if name in where:

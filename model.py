@@ -181,18 +181,8 @@ def width_for_budget(build: Callable[[float], nn.Module], budget: int, step: flo
 __getattr__ = moved(
     __name__,
     {
-        "checkpoints": (
-            "save_checkpoint",
-            "read_checkpoint",
-            "load_checkpoint",
-            "resolve_checkpoint",
-            "state_digest",
-            "foreign_checkpoint",
-            "infer_arch",
-            "export_repdistiller",
-            "hub_checkpoint",
-            "HUB_URLS",
-        ),
-        "atomic_files": ("atomic_save", "remove_stale_temporaries"),
+        "checkpoints": "save_checkpoint read_checkpoint load_checkpoint resolve_checkpoint state_digest "
+        "foreign_checkpoint infer_arch export_repdistiller hub_checkpoint HUB_URLS",
+        "atomic_files": "atomic_save remove_stale_temporaries",
     },
 )

@@ -33,7 +33,7 @@ from atomic_files import atomic_write_text, remove_stale_temporaries
 from checkpoints import read_checkpoint, save_checkpoint
 from config import Config
 from distributed import average_buffers, barrier, distributed, is_main_process, sum_over_ranks
-from evaluation import test_metrics
+from evaluation import keep_if_picked, read_test_at_picked, test_metrics
 from exports import moved
 from failures import RunFailedWarning, chance_failure, judged_at_chance
 from optimizers import build_optimizer, build_scheduler
@@ -396,9 +396,9 @@ def _end_epoch(m: Member, epoch: int, row: dict, val_loader, test_loader, amp: b
         if m.cfg.eval_test == "every" or epoch + 1 == m.cfg.epochs:
             row.update({f"test_{k}": v for k, v in test_metrics(m.task, test_loader, amp).items()})
         if m.cfg.eval_test != "every" and "val_top1" in row:
-            _keep_if_picked(m, row)
+            keep_if_picked(m, row)
         if epoch + 1 == m.cfg.epochs and m.picked is not None:
-            _test_picked(m, test_loader, amp)
+            read_test_at_picked(m, test_loader, amp)
     row["seconds"] = m.own[0] + share[0]
     # CPU time of all this process's threads: unlike ``seconds``, it barely grows while other jobs
     # share the cores (docs/commands.md, metrics.csv)
@@ -412,26 +412,6 @@ def _end_epoch(m: Member, epoch: int, row: dict, val_loader, test_loader, amp: b
         warnings.warn(f"run {m.label}, epoch {epoch + 1}: {m.failed}; marked failed", RunFailedWarning, 2)
     if m.run_dir and is_main_process():  # one writer; every rank holds the same weights
         _save(m.task, m.optimizer, m.scheduler, m.run_dir, m.cfg, m.history, epoch + 1, m.rng[0], m.failed, m.picked)
-
-
-def _keep_if_picked(m: Member, row: dict) -> None:
-    """Keep this epoch's weights if validation ranks it first so far (ties: the earlier epoch, as
-    ``analysis.summarize`` picks); the last epoch's test is read anyway."""
-    if m.picked is None or row["val_top1"] > m.picked["val_top1"]:
-        state = {k: v.detach().cpu().clone() for k, v in m.task.student.state_dict().items()}
-        m.picked = {"epoch": row["epoch"], "val_top1": row["val_top1"], "student": state}
-
-
-def _test_picked(m: Member, test_loader, amp: bool) -> None:
-    """Read the test set with the weights of the epoch validation picked, into that epoch's row; the
-    final weights are put back (what the checkpoint holds and training would continue from)."""
-    if m.picked["epoch"] < len(m.history) + 1:  # an earlier epoch than this last one
-        final = {k: v.detach().clone() for k, v in m.task.student.state_dict().items()}
-        m.task.student.load_state_dict(m.picked["student"])
-        metrics = test_metrics(m.task, test_loader, amp)
-        m.task.student.load_state_dict(final)
-        m.history[m.picked["epoch"] - 1].update({f"test_{k}": v for k, v in metrics.items()})
-    m.picked = None  # read: nothing left to keep
 
 
 def _dataset_classes(cfg: Config) -> int:
@@ -480,33 +460,16 @@ def main(argv=None):
 __getattr__ = moved(
     __name__,
     {
-        "evaluation": ("evaluate", "predict"),
-        "progress": ("progress_bars", "progress_enabled"),
-        "failures": ("RunFailedWarning", "chance_failure", "chance_patience", "CHANCE_MARGIN"),
-        "config": (
-            "USAGE_ERRORS",
-            "make_config",
-            "check_config",
-            "PROFILES",
-            "CHOICES",
-            "build_parser",
-            "config_from_args",
-        ),
-        "registry": ("METHODS", "Method", "register_method", "resolve_recipe"),
-        "run_folders": ("run_identity", "run_dir_for", "load_history", "load_config", "NOT_IN_IDENTITY"),
-        "runs": (
-            "RunResult",
-            "print_result",
-            "train",
-            "make_loaders",
-            "prepare_data",
-            "finished_run",
-            "build_student",
-            "run_lock",
-        ),
-        "distributed": ("init_distributed",),
-        "atomic_files": ("atomic_save",),
-        "checkpoints": ("file_digest",),
+        "evaluation": "evaluate predict",
+        "progress": "progress_bars progress_enabled",
+        "failures": "RunFailedWarning chance_failure chance_patience CHANCE_MARGIN",
+        "config": "USAGE_ERRORS make_config check_config PROFILES CHOICES build_parser config_from_args",
+        "registry": "METHODS Method register_method resolve_recipe",
+        "run_folders": "run_identity run_dir_for load_history load_config NOT_IN_IDENTITY",
+        "runs": "RunResult print_result train make_loaders prepare_data finished_run build_student run_lock",
+        "distributed": "init_distributed",
+        "atomic_files": "atomic_save",
+        "checkpoints": "file_digest",
     },
 )
 
