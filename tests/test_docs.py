@@ -41,6 +41,8 @@ HELP_ONLY = {
     "the same options run without torchrun in docs/commands.md",
     "benchmarks/bench.py": "minutes of measurements, --parity on real CIFAR-10 (test_benchmark.py runs --quick)",
     "hub:": "downloads a released teacher (test_foreign_checkpoints.py runs hub: offline)",
+    "benchmarks/sweep_speed.py": "minutes of measurements on real CIFAR-10 (test_cohorts.py checks that what it "
+    "compares gives equal results; --quick runs it on generated data)",
 }
 
 
