@@ -61,12 +61,12 @@ def summarize(history: pd.DataFrame) -> dict:
     picked_by = "val_top1" if "val_top1" in history else "test_top1"
     best = history.loc[history[picked_by].idxmax()]
     last = history.iloc[-1]
-    return {
-        "last_top1": last["test_top1"],
-        "last_top5": last["test_top5"],
+    return {  # a run paused before its last epoch (``stop_after``) has read no test yet: nan
+        "last_top1": last.get("test_top1", math.nan),
+        "last_top5": last.get("test_top5", math.nan),
         "last_val_top1": last.get("val_top1", math.nan),
-        "best_top1": best["test_top1"],
-        "best_top5": best["test_top5"],
+        "best_top1": best.get("test_top1", math.nan),
+        "best_top5": best.get("test_top5", math.nan),
         "best_epoch": int(best["epoch"]),
         "picked_by": picked_by,
         "train_seconds": history["seconds"].sum(),
@@ -266,7 +266,8 @@ def failed_rows(df: pd.DataFrame) -> pd.Series:
 def cell_table(df: pd.DataFrame, keys: Sequence[str], columns=("val_top1", "test_top1")) -> pd.DataFrame:
     """A sweep's cells (one row each, ``keys`` as the index): n, and each column's mean and 95% CI half-width
     over seeds; the cell picked on validation (``best``) is flagged. Failed runs are left out of
-    ``n`` and the means; where any run failed, ``failed`` counts each cell's and ``failed_seeds`` names them."""
+    ``n`` and the means; where any run failed, ``failed`` counts each cell's and ``failed_seeds`` names them.
+    A cell a pruned sweep stopped early shows the epoch in ``pruned_at``: its accuracies are from there."""
     failed = failed_rows(df)
     trained = df[~failed]
     groups = trained.groupby(list(keys))
@@ -280,6 +281,8 @@ def cell_table(df: pd.DataFrame, keys: Sequence[str], columns=("val_top1", "test
         table[FAILED] = lost.size().reindex(cells, fill_value=0)
         seeds = lost["seed"].agg(lambda s: ", ".join(str(v) for v in sorted(s))) if "seed" in df else lost.size() * ""
         table["failed_seeds"] = seeds.reindex(cells, fill_value="")
+    if "pruned_at" in df and df["pruned_at"].notna().any():  # its accuracies are at that epoch, not the end
+        table["pruned_at"] = df.groupby(list(keys))["pruned_at"].max().reindex(cells)
     if "best" in df:
         table["picked"] = df.groupby(list(keys))["best"].any().map({True: "← picked", False: ""})
     return table

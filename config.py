@@ -50,6 +50,9 @@ class Config:
     data_seed: int = opt(0, "run", "data stream (order, crops, flips), kept apart from the model seed")
     device: str = opt("auto", "run", "auto: cuda if available, else cpu")
     eval_test: str = opt("end", "run", "end: test read at the last epoch and the epoch validation picks | every epoch")
+    stop_after: int = opt(
+        0, "run", "stop after this many epochs of the schedule (0: all); rerun without it to resume to the end"
+    )
     dataset: str = opt("cifar10", "data", "cifar10 | cifar100")
     data_dir: str = opt("./data", "data", "holds cifar-10-batches-py/ or cifar-100-python/")
     download: bool = opt(False, "data", "fetch the official archive if the data is missing")
@@ -240,7 +243,8 @@ def check_config(cfg: Config) -> None:
     for key in ("epochs", "batch_size", "members", "teacher_epochs", "n_seeds"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key} must be >= 1, got {getattr(cfg, key)}")
-    for key in ("subset", "val_size", "threads", "teacher_threads", "seed", "data_seed", "split_seed", "budget"):
+    non_negative = ("subset", "val_size", "threads", "teacher_threads", "seed", "data_seed", "split_seed", "budget")
+    for key in (*non_negative, "stop_after"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"{key} must be >= 0, got {getattr(cfg, key)}")
     for key in ("width", "teacher_width"):
@@ -249,6 +253,10 @@ def check_config(cfg: Config) -> None:
     for key in ("lr", "weight_decay", "crop_pad"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    if cfg.stop_after > cfg.epochs:
+        raise ValueError(
+            f"stop_after={cfg.stop_after} is past the schedule's end (epochs={cfg.epochs}); 0 trains all of it"
+        )
     if not 0 <= cfg.momentum < 1:
         raise ValueError(f"momentum must be in [0, 1), got {cfg.momentum}")
     if cfg.name and (os.path.basename(cfg.name) != cfg.name or cfg.name in (".", "..") or cfg.name.startswith(".")):

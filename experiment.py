@@ -15,7 +15,9 @@ from analysis import compare, plot_seeds, summarize_seeds
 from config import Config, make_config
 from distributed import distributed, is_main_process
 from model import count_flops, count_params
-from runs import RunResult, train
+from registry import resolve_recipe
+from run_folders import run_dir_for
+from runs import RunResult, finished_run, train
 from sweeps import run_all
 
 
@@ -35,6 +37,26 @@ def teacher_config(cfg: Config) -> Config:
         data_seed=0,
         name="",
     )
+
+
+def train_teachers(configs: list[Config], jobs: int | str = "auto") -> list[RunResult]:
+    """Several teachers (capacity sizes, seeds), the unfinished ones in parallel at 1 thread each.
+
+    Two 1-thread runs on 2 cores finish sooner than two 2-thread runs one after the other (a
+    2-thread run's threads wait on each other). A config that is already trained (the demo's
+    2-thread teacher, say) keeps its own thread count and is read back; the others are trained at
+    1 thread, so their folders are those 1-thread runs."""
+    out = [finished_run(run_dir_for(resolve_recipe(c)), resolve_recipe(c), repair=False) for c in configs]
+    todo = [replace(c, threads=1) for c, done in zip(configs, out, strict=True) if done is None]
+    new = iter(run_all(todo, jobs=jobs, desc="teachers") if todo else [])
+    return [done if done is not None else next(new) for done in out]
+
+
+def teacher_seeds(cfg: Config, seeds) -> list[RunResult]:
+    """The demo's teacher (``teacher_config``) once per seed, for verdicts that must hold across
+    teachers: seed 0 is the demo's own; the others train in parallel (``train_teachers``)."""
+    base = teacher_config(cfg)
+    return train_teachers([base if s == 0 else replace(base, seed=s, data_seed=s) for s in seeds])
 
 
 @dataclass

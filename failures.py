@@ -25,7 +25,7 @@ def chance_patience(epochs: int) -> int:
     return max(3, math.ceil(0.1 * epochs))
 
 
-def chance_failure(history: list[dict], num_classes: int, epochs: int) -> str | None:
+def chance_failure(history: list[dict], num_classes: int, epochs: int, grace: int = 0) -> str | None:
     """Why a run counts as failed for not learning, or None.
 
     The rule: once the run has trained ``chance_patience(epochs)`` epochs (3, or 10% of a long
@@ -35,9 +35,10 @@ def chance_failure(history: list[dict], num_classes: int, epochs: int) -> str | 
     learns later is no longer failed (the status is the latest epoch's); a run that learned and
     fell back to chance is. Only metrics are read, so training is the same with or without it.
     Without a validation split, an epoch whose test set was not read (``eval_test="end"``) is not
-    judged: such a run is judged at its last epoch.
+    judged: such a run is judged at its last epoch. ``grace``: epochs of a pre-training stage that
+    does not train the classifier (``pretraining_epochs``), added to the patience.
     """
-    if len(history) < chance_patience(epochs):
+    if len(history) < grace + chance_patience(epochs):
         return None
     last = history[-1]
     chance = 100 / num_classes
@@ -57,3 +58,9 @@ def judged_at_chance(task: nn.Module) -> bool:
     that freezes it (FitNets' stage 1, the specialists' first stage) is at chance by design."""
     params = list(task.student.parameters())
     return bool(params) and params[-1].requires_grad
+
+
+def pretraining_epochs(task: nn.Module) -> int:
+    """Epochs at the start of a run in which its loss trains something other than the classifier (the
+    init stage of AB, FSP, FT: a loss's ``init_epochs``); the chance rule waits them out."""
+    return int(getattr(getattr(task, "loss", None), "init_epochs", 0) or 0)

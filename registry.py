@@ -137,6 +137,23 @@ FEAT_WEIGHT = Param(
 )
 ALPHA = Param("alpha", float, "shorthand for ce_weight = 1 - alpha, kd_weight = alpha", check=alpha_range)
 KD_PARAMS = (T, CE_WEIGHT, KD_WEIGHT, ALPHA)
+WARMUP = Param(
+    "warmup", float, "epochs over which the distillation terms ramp up linearly (DKD, ReviewKD)", check=non_negative
+)
+
+
+def warmup_check(method: str, released: float = 20, of: float = 240):
+    """``check(cfg)`` refusing a warm-up longer than the run, saying how to scale the release's."""
+
+    def check(cfg) -> None:
+        if cfg.warmup > cfg.epochs:
+            raise ValueError(
+                f"{method}'s warm-up ({cfg.warmup:g} epochs) is longer than the run ({cfg.epochs} epochs): its "
+                f"distillation terms would never reach full weight. The release uses {released:g} of {of:g} epochs; "
+                f"scale it, e.g. --warmup {cfg.epochs * released / of:g}"
+            )
+
+    return check
 
 
 # ----------------------------------------------------------------------------- methods

@@ -49,6 +49,7 @@ NOT_IN_IDENTITY = {
     "budget",
     "trust_teacher",  # the teacher's weights are in the identity
     "eval_test",  # when the test set is read; training is the same
+    "stop_after",  # where the run pauses; the schedule (epochs) and every step before it are the same
 }
 # Fields about the teacher: in a run's identity only where its method reads them (``Method.reads``).
 TEACHER_FIELDS = frozenset({"teacher", "teacher_amp", "teacher_cache", "cache_dtype"})

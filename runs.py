@@ -122,14 +122,16 @@ def make_loaders(cfg: Config, prepare: bool = True) -> data_utils.CifarLoaders:
 
 
 def finished_run(run_dir: str, cfg: Config, repair: bool = True) -> RunResult | None:
-    """The stored result if ``run_dir`` holds this config, trained to the end, read from its
-    checkpoint (the record); with ``repair``, the folder's ``config.json``, ``metrics.csv`` and
-    ``FAILED`` are rewritten where they disagree with it (``run_folders.repair_run_folder``)."""
+    """The stored result if ``run_dir`` holds this config, trained to the end (or, with
+    ``cfg.stop_after``, at least that far), read from its checkpoint (the record); with ``repair``,
+    the folder's ``config.json``, ``metrics.csv`` and ``FAILED`` are rewritten where they disagree
+    with it (``run_folders.repair_run_folder``)."""
     path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.isfile(path):
         return None
     model, ckpt = load_checkpoint(path)
-    if ckpt.get("epoch") != cfg.epochs or not same_run(ckpt["config"], cfg):
+    epoch = ckpt.get("epoch") or 0
+    if not (epoch == cfg.epochs or 0 < cfg.stop_after <= epoch) or not same_run(ckpt["config"], cfg):
         return None
     if repair:
         repair_run_folder(run_dir, ckpt)

@@ -30,6 +30,7 @@ from cohorts import plan_cohorts, run_cohort
 from config import Config, check_config, config_keys
 from distiller import distill, teacher_checks
 from progress import progress_bars, progress_enabled
+from pruning import Prune, prune_runs
 from registry import resolve_recipe
 from run_folders import failure_mark, run_dir_for, run_name
 from runs import RunResult
@@ -283,6 +284,7 @@ def sweep(
     best_by: str = "val_top1",
     run=None,
     cohorts: bool = True,
+    prune: Prune | None = None,
 ) -> pd.DataFrame:
     """Train every cell of ``grid`` × ``seeds`` (in parallel) and return one row per run.
 
@@ -298,12 +300,31 @@ def sweep(
     per cell, and only cells none of whose runs failed can be picked (``mark_best``).
     Each run is an ordinary, independent command, so a cluster can take them instead
     (``python train_kd.py --sweep ... --jobs 1`` per array task, or ``run_many`` under submitit).
+
+    With ``prune`` (a ``pruning.Prune``), cells far behind the best on validation stop at a rung
+    (``pruning.py`` states the rule); their rows stay, with the epoch in column ``pruned_at``, and
+    they cannot be picked. The same sweep without ``prune`` resumes them to the end.
     """
     runs = expand_grid(cfg, grid, seeds)
-    done = run_many([c for _, _, c in runs], jobs=jobs, run=run, desc="sweep", cohorts=cohorts)
+    stopped, partial = {}, {}
+    if prune is not None:
+        if not cfg.val_size:
+            raise ValueError("pruning decides on validation: set val_size > 0 (the cpu profile holds out 5,000)")
+
+        def batch(cfgs):
+            return run_many(cfgs, jobs=jobs, run=run, desc="sweep (to a rung)", cohorts=cohorts)
+
+        stopped, partial = prune_runs(runs, prune, batch)
+    todo = [i for i in range(len(runs)) if i not in partial]
+    done = dict(partial)
+    rest = run_many([runs[i][2] for i in todo], jobs=jobs, run=run, desc="sweep", cohorts=cohorts)
+    done.update(zip(todo, rest, strict=True))
     rows, failed = [], []
-    for (cell, seed, run_cfg), res in zip(runs, done, strict=True):
+    for i, (cell, seed, run_cfg) in enumerate(runs):
+        res = done[i]
         row = {**cell, "seed": seed, "threads": run_cfg.threads}
+        if prune is not None:
+            row["pruned_at"] = stopped.get(i, np.nan)
         if "error" in res and failure_mark(run_dir_for(run_cfg)):  # diverged: the run's result is a failure
             rows.append({**row, "run_dir": run_dir_for(run_cfg), FAILED: failure_mark(run_dir_for(run_cfg))})
             continue
@@ -313,6 +334,8 @@ def sweep(
             continue
         rows.append({**row, "run_dir": res["run_dir"], **_sweep_metrics(res["history"])})
     df = pd.DataFrame(rows)
+    if prune is not None:
+        df.attrs["prune"] = {"rungs": prune.epochs(cfg.epochs), "margin": prune.margin}
     _write_sweep(cfg, grid, df)
     if failed:
         err = RunsFailed(
@@ -330,8 +353,8 @@ def _sweep_metrics(history: pd.DataFrame) -> dict:
     return {
         "val_top1": last.get("val_top1", float("nan")),
         "val_loss": last.get("val_loss", float("nan")),
-        "test_top1": last["test_top1"],
-        "test_top5": last["test_top5"],
+        "test_top1": last.get("test_top1", float("nan")),  # a run stopped early never read test
+        "test_top5": last.get("test_top5", float("nan")),
         "best_epoch": s["best_epoch"],
         "test_top1_at_best": s["best_top1"],
         "minutes": s["train_seconds"] / 60,
@@ -348,6 +371,8 @@ def mark_best(df: pd.DataFrame, keys: list[str], by: str = "val_top1") -> pd.Dat
     failed = failed_rows(df)
     cells = df.set_index(keys).index
     spoilt = cells.isin(cells[failed.to_numpy()])  # every run of a cell in which any run failed
+    if "pruned_at" in df:  # stopped early: its accuracy is from part of the schedule
+        spoilt |= cells.isin(cells[df["pruned_at"].notna().to_numpy()])
     if df.loc[~spoilt, by].isna().all():
         if failed.any():
             raise ValueError(

@@ -35,7 +35,7 @@ from config import Config
 from distributed import average_buffers, barrier, distributed, is_main_process, sum_over_ranks
 from evaluation import keep_if_picked, read_test_at_picked, test_metrics
 from exports import moved
-from failures import RunFailedWarning, chance_failure, judged_at_chance
+from failures import RunFailedWarning, chance_failure, judged_at_chance, pretraining_epochs
 from optimizers import build_optimizer, build_scheduler
 from progress import epoch_bar
 from run_folders import history_frame, run_name, same_run, set_failure_mark
@@ -111,6 +111,7 @@ class Member:
     callbacks: tuple = ()
     label: str = "train"  # its name in progress bars and warnings
     judged: bool = True  # whether the chance rule applies (``chance_failure``)
+    grace: int = 0  # epochs of a pre-training stage, before the chance rule's patience starts
     num_classes: int = 0
     failed: str | None = None  # why it counts as failed (still at chance), or None
     picked: dict | None = None  # the epoch validation picks so far, its val top-1 and weights (test read at the end)
@@ -299,9 +300,9 @@ def start_member(
     m = Member(task, step, optimizer, scheduler, cfg, run_dir, history, start, _rng_state(device), callbacks)
     m.label = run_name(cfg) if run_dir else "train"
     m.picked = picked
-    m.judged = judged_at_chance(task)
+    m.judged, m.grace = judged_at_chance(task), pretraining_epochs(task)
     m.num_classes = getattr(task.student, "num_classes", None) or _dataset_classes(cfg)
-    m.failed = chance_failure(history, m.num_classes, cfg.epochs) if m.judged else None  # a resumed run's status
+    m.failed = chance_failure(history, m.num_classes, cfg.epochs, m.grace) if m.judged else None  # when resumed
     return m
 
 
@@ -349,8 +350,8 @@ def fit_cohort(members: list[Member], train_loader, test_loader, val_loader=None
     amp = amp_enabled(cfg, device)
     solo = len(members) == 1
     bars = {id(m): epoch_bar(m.cfg.epochs, m.label, m.start) for m in members}
-    for epoch in range(min(m.start for m in members), max(m.cfg.epochs for m in members)):
-        active = [m for m in members if m.error is None and m.start <= epoch < m.cfg.epochs]
+    for epoch in range(min(m.start for m in members), max(_until(m.cfg) for m in members)):
+        active = [m for m in members if m.error is None and m.start <= epoch < _until(m.cfg)]
         if not active:
             continue
         t0, cpu0 = time.perf_counter(), time.process_time()
@@ -382,6 +383,11 @@ def fit_cohort(members: list[Member], train_loader, test_loader, val_loader=None
     barrier()  # the last checkpoint exists for every process once fit returns
 
 
+def _until(cfg: Config) -> int:
+    """The epoch a run trains to now: the schedule's end, or ``stop_after`` (a pause it resumes from)."""
+    return cfg.stop_after or cfg.epochs
+
+
 def _shown(row: dict) -> dict:
     return {k: f"{row[k]:.2f}" for k in ("val_top1",) if k in row}
 
@@ -407,7 +413,7 @@ def _end_epoch(m: Member, epoch: int, row: dict, val_loader, test_loader, amp: b
     _check_finite(row, epoch, m.history, m.run_dir)
     m.scheduler.step()
     m.history.append(row)
-    was, m.failed = m.failed, chance_failure(m.history, m.num_classes, m.cfg.epochs) if m.judged else None
+    was, m.failed = m.failed, chance_failure(m.history, m.num_classes, m.cfg.epochs, m.grace) if m.judged else None
     if m.failed and (not was or epoch == m.start) and is_main_process():
         warnings.warn(f"run {m.label}, epoch {epoch + 1}: {m.failed}; marked failed", RunFailedWarning, 2)
     if m.run_dir and is_main_process():  # one writer; every rank holds the same weights
@@ -462,7 +468,7 @@ __getattr__ = moved(
     {
         "evaluation": "evaluate predict",
         "progress": "progress_bars progress_enabled",
-        "failures": "RunFailedWarning chance_failure chance_patience CHANCE_MARGIN",
+        "failures": "RunFailedWarning chance_failure chance_patience pretraining_epochs CHANCE_MARGIN",
         "config": "USAGE_ERRORS make_config check_config PROFILES CHOICES build_parser config_from_args",
         "registry": "METHODS Method register_method resolve_recipe",
         "run_folders": "run_identity run_dir_for load_history load_config NOT_IN_IDENTITY",

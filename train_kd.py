@@ -34,6 +34,7 @@ from experiment import Experiment, plot_curves, run_demo, setup_experiment, teac
 from methods.dkd import DKDLoss, dkd_terms, kd_decomposition
 from methods.kd import KD_RECIPE, KD_SOURCE, KDLoss, kd_loss, upcast
 from methods.kd_ls import LogitStandardKDLoss
+from pruning import Prune
 from registry import METHODS, loss_methods, register_method
 from runs import print_result
 from sweeps import (
@@ -113,6 +114,15 @@ def _add_cli_options(parser) -> None:
     )
     group.add_argument("--seeds", default=None, help="seeds, alone or with --sweep: 0-2 or 0,3,5")
     group.add_argument("--jobs", default="auto", help="sweep worker processes (default auto: cores // threads)")
+    group.add_argument(
+        "--prune",
+        nargs="?",
+        const="2",
+        default=None,
+        metavar="MARGIN",
+        help="with --sweep: stop cells behind the best on validation at 1/4 and 1/2 of the schedule by more than "
+        "seed noise and MARGIN points (default 2); rerun without it to finish them",
+    )
 
 
 def main(argv=None):
@@ -129,6 +139,8 @@ def _main(args):
     jobs = _option("--jobs", parse_jobs, args.jobs)
     if args.demo:
         return _main_demo(cfg)
+    if args.prune and not args.sweep:
+        raise ValueError(f"argument --prune: stops cells of a grid; give one with --sweep (got --prune {args.prune})")
     if args.sweep or args.seeds is not None:  # --seeds alone: the one configuration over those seeds
         if cfg.name:
             raise ValueError(
@@ -139,7 +151,8 @@ def _main(args):
         seeds = _option("--seeds", parse_seeds, args.seeds) if args.seeds is not None else range(cfg.n_seeds)
         # every run's config checked before any starts
         _option("--sweep" if args.sweep else "--seeds", lambda g: expand_grid(cfg, g, seeds), grid)
-        return _main_sweep(cfg, grid, seeds, jobs)
+        prune = _option("--prune", lambda m: Prune(margin=float(m)), args.prune) if args.prune else None
+        return _main_sweep(cfg, grid, seeds, jobs, prune)
     result = distill(cfg)
     print_result(result)
     return result
@@ -165,9 +178,9 @@ def _main_demo(cfg: Config) -> pd.DataFrame:
     return table
 
 
-def _main_sweep(cfg: Config, grid: dict, seeds, jobs) -> pd.DataFrame:
+def _main_sweep(cfg: Config, grid: dict, seeds, jobs, prune: Prune | None = None) -> pd.DataFrame:
     try:
-        df = sweep(cfg, grid, seeds=seeds, jobs=jobs)
+        df = sweep(cfg, grid, seeds=seeds, jobs=jobs, prune=prune)
     except RuntimeError as err:  # failed runs: a message (their folders keep what was saved), not a traceback
         if isinstance(err, RunsFailed) or hasattr(err, "results"):
             raise ValueError(str(err)) from err
@@ -175,6 +188,8 @@ def _main_sweep(cfg: Config, grid: dict, seeds, jobs) -> pd.DataFrame:
     keys = list(grid)
     print(f"\nsweep: {len(df)} runs, table: {df.attrs['path']}")
     print(cell_table(df, keys).round(2).to_string())
+    if "pruned_at" in df and df["pruned_at"].notna().any():
+        print("cells with pruned_at stopped there (accuracies at that epoch); rerun without --prune to finish them")
     best = df[df["best"]]
     print(
         f"\npicked on validation: {df.attrs['best']} — val top-1 {best['val_top1'].mean():.2f}, "

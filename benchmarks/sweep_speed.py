@@ -10,7 +10,9 @@ Rows (written to benchmarks/sweep_speed.json):
 - one member's share of a cohort's epoch as the cohort grows (1, 2, 4, ... members), relative to
   one CE run's epoch: the teacher's share should fall as 1/K;
 - runs/hour of a cached-KD grid (T x KD weight, 2 seeds) with the test set read at the end (and at
-  the epoch validation picks) vs every epoch; the training columns must be equal.
+  the epoch validation picks) vs every epoch; the training columns must be equal;
+- a cached-KD grid with clearly bad cells (learning rates 0.05, 0.1, 0.005, 0.0005; 3 seeds), pruned
+  (``pruning.Prune()``) vs trained in full: its cost and whether the pick is the same.
 Each comparison trains fresh run folders in a temporary directory; run it on an otherwise idle
 machine (a 2-thread job beside another busy process slows many times over).
 """
@@ -28,6 +30,7 @@ from dataclasses import replace
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from distiller import distill, distill_together  # noqa: E402
+from pruning import Prune  # noqa: E402
 from train_eval import TIMING_COLUMNS, make_config, train  # noqa: E402
 from train_kd import sweep, teacher_config  # noqa: E402
 
@@ -94,6 +97,34 @@ def test_reading_row(args, teacher: str) -> dict:
     }
 
 
+def pruning_row(args, teacher: str) -> dict:
+    """A grid with clearly bad cells, pruned on validation vs trained in full (both in cohorts)."""
+    grid = {"lr": [0.05, 0.1, 0.005, 0.0005]}
+    seconds, tables = {}, {}
+    for name, prune in (("full", None), ("pruned", Prune())):
+        with tempfile.TemporaryDirectory() as out:
+            cfg = replace(base_config(args, out), teacher=teacher, method="kd", teacher_cache=True)
+            cfg = replace(cfg, epochs=args.prune_epochs)
+            seconds[name], tables[name] = timed(
+                lambda cfg=cfg, prune=prune: sweep(cfg, grid, seeds=range(3), jobs=args.jobs, prune=prune)
+            )
+    pruned = tables["pruned"]
+    stopped = pruned[pruned["pruned_at"].notna()]
+    return {
+        "runs": len(pruned),
+        "epochs": args.prune_epochs,
+        "rungs": pruned.attrs["prune"]["rungs"],
+        "margin": pruned.attrs["prune"]["margin"],
+        "stopped": {str(k): int(v) for k, v in stopped.groupby("lr")["pruned_at"].first().items()},
+        "minutes_full": seconds["full"] / 60,
+        "minutes_pruned": seconds["pruned"] / 60,
+        "cost_pruned_over_full": seconds["pruned"] / seconds["full"],
+        "pick_full": {k: float(v) for k, v in tables["full"].attrs["best"].items()},
+        "pick_pruned": {k: float(v) for k, v in pruned.attrs["best"].items()},
+        "same_pick": tables["full"].attrs["best"] == pruned.attrs["best"],
+    }
+
+
 def member_share(args, teacher: str) -> list[dict]:
     """One member's share of a cohort epoch (its wall time / K) against one CE run's epoch, K = 1, 2, 4, ..."""
     rows = []
@@ -117,25 +148,45 @@ def main(argv=None) -> dict:
     parser.add_argument("--subset", type=int, default=1000, help="training images per class (cpu profile)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--reading-epochs", type=int, default=4, help="epochs of the test-reading row's runs")
+    parser.add_argument("--prune-epochs", type=int, default=8, help="epochs of the pruning row's runs")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        default=list(ROWS),
+        choices=list(ROWS),
+        help="which rows to measure; the others are kept from the existing --out file",
+    )
     parser.add_argument("--teacher", default="", help="a trained teacher (default: the cpu profile's, trained once)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "sweep_speed.json"))
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as teacher_dir:
         teacher = args.teacher or train(_teacher(args, teacher_dir)).run_dir
-        report = {
-            "profile": "smoke" if args.quick else "cpu",
-            "epochs": 1 if args.quick else args.epochs,
-            "grid_fp32": grid_row(args, teacher, "off"),
-            "grid_bf16_teacher": grid_row(args, teacher, "bf16"),
-            "member_share": member_share(args, teacher),
-            "test_read_at_end": test_reading_row(args, teacher),
-            "timing_columns_ignored": TIMING_COLUMNS,
-        }
+        report = _existing(args.out) if set(args.rows) != set(ROWS) else {}
+        report.update(profile="smoke" if args.quick else "cpu", epochs=1 if args.quick else args.epochs)
+        for row in args.rows:
+            report[row] = ROWS[row](args, teacher)
+        report["timing_columns_ignored"] = TIMING_COLUMNS
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
     print(json.dumps(report, indent=2))
     return report
+
+
+ROWS = {
+    "grid_fp32": lambda args, teacher: grid_row(args, teacher, "off"),
+    "grid_bf16_teacher": lambda args, teacher: grid_row(args, teacher, "bf16"),
+    "member_share": member_share,
+    "test_read_at_end": test_reading_row,
+    "pruning": pruning_row,
+}
+
+
+def _existing(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def _teacher(args, tmp: str):

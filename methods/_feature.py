@@ -26,6 +26,11 @@ class FeatureKD(nn.Module):
         super().__init__()
         self.name, self.feature, self.beta, self.kd, self.ce_weight = name, feature, beta, kd, ce_weight
 
+    def set_epoch(self, epoch: int) -> None:
+        """The loop's epoch, for a feature term that changes with it (ReviewKD's warm-up)."""
+        if hasattr(self.feature, "set_epoch"):
+            self.feature.set_epoch(epoch)
+
     def forward(self, logits_s, logits_t, target, s_feats=None, t_feats=None, **extras) -> dict[str, torch.Tensor]:
         if self.kd is not None:
             terms = self.kd(logits_s, logits_t, target)
@@ -48,13 +53,17 @@ def register_feature(
     source: str,
     params: tuple[Param, ...] = (),
     needs_index: bool = False,
+    benchmark: str = BENCHMARK,
+    check=None,
     **recipe,
 ) -> None:
     """Register ``name`` and ``name+kd`` for the feature term ``feature(cfg, student, teacher, **context)``
     (an ``nn.Module`` called as ``term(s_feats, t_feats, **batch_extras)``) with the published ``beta``;
-    ``params`` and ``recipe``: the term's own parameters and their published values."""
-    source = f"{source}; {BENCHMARK}"
-    needs = dict(needs_features=True, needs_index=needs_index)
+    ``params`` and ``recipe``: the term's own parameters and their published values; ``benchmark``:
+    where β comes from (RepDistiller's CIFAR-100 benchmark unless said); ``check(cfg)``: the method's
+    own check of a resolved config."""
+    source = f"{source}; {benchmark}" if benchmark else source
+    needs = dict(needs_features=True, needs_index=needs_index, check=check)
 
     def build(cfg, student: nn.Module, teacher: nn.Module, with_kd: bool = False, **context) -> FeatureKD:
         kd = KDLoss(cfg.T, cfg.ce_weight, cfg.kd_weight) if with_kd else None

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.kd import kd_loss, upcast
-from registry import CE_WEIGHT, Param, T, non_negative, register_method
+from methods.kd import LOGIT_STAND, kd_loss, standardized, upcast
+from registry import CE_WEIGHT, WARMUP, Param, T, non_negative, register_method, warmup_check
 
 
 def dkd_terms(
@@ -57,18 +57,32 @@ class DKDLoss(nn.Module):
     teacher is on a sample the less its dark knowledge counts; DKD weighs it by a free β.
     Released recipe (mdistiller ``configs/cifar100/dkd/vgg13_vgg8.yaml`` on ``engine/cfg.py``):
     w_ce = 1, α = 1, β = 6 for VGG13→VGG8 (8 elsewhere), T = 4, 20 warm-up epochs of 240.
+
+    ``logit_stand``: TCKD and NCKD on z-scored logits, CE on the raw ones (Sun et al. 2024's
+    ``--logit-stand`` for DKD, ``mdistiller/distillers/DKD.py`` of their release). Their runs pair it
+    with T = 2 and α, β multiplied by a KD weight (VGG13→VGG8 log ``dkd,vgg13,vgg8,2,15,2.0``:
+    T 2, α = 15, β = 2·15 = 30), which is not this method's recipe: pass them.
     """
 
-    def __init__(self, T: float = 4.0, ce_weight: float = 1.0, alpha: float = 1.0, beta: float = 6.0, warmup=20):
+    def __init__(
+        self,
+        T: float = 4.0,
+        ce_weight: float = 1.0,
+        alpha: float = 1.0,
+        beta: float = 6.0,
+        warmup=20,
+        logit_stand: bool = False,
+    ):
         super().__init__()
         self.T, self.ce_weight, self.alpha, self.beta, self.warmup = T, ce_weight, alpha, beta, warmup
+        self.logit_stand = logit_stand
         self.ramp = 1.0 if not warmup else 1 / warmup
 
     def set_epoch(self, epoch: int) -> None:
         self.ramp = 1.0 if not self.warmup else min((epoch + 1) / self.warmup, 1.0)
 
     def forward(self, logits_s, logits_t, target, **_) -> dict[str, torch.Tensor]:
-        tckd, nckd = dkd_terms(logits_s, logits_t, target, self.T)
+        tckd, nckd = dkd_terms(*standardized(logits_s, logits_t, self.logit_stand), target, self.T)
         return {
             "ce": self.ce_weight * F.cross_entropy(logits_s, target),
             "tckd": self.ramp * self.alpha * tckd.mean(),
@@ -76,13 +90,7 @@ class DKDLoss(nn.Module):
         }
 
 
-def check_dkd(cfg) -> None:
-    if cfg.warmup > cfg.epochs:
-        raise ValueError(
-            f"DKD's warm-up ({cfg.warmup:g} epochs) is longer than the run ({cfg.epochs} epochs): the distillation "
-            f"terms would never reach full weight. The release uses 20 of 240 epochs; scale it, e.g. "
-            f"--warmup {cfg.epochs * 20 / 240:g}"
-        )
+check_dkd = warmup_check("DKD")
 
 
 PARAMS = (
@@ -90,7 +98,8 @@ PARAMS = (
     CE_WEIGHT,
     Param("tckd_weight", float, "DKD: α, weight of the target-class term", check=non_negative, loss_weight=True),
     Param("nckd_weight", float, "DKD: β, weight of the non-target-class term", check=non_negative, loss_weight=True),
-    Param("warmup", float, "DKD: epochs over which its distillation terms ramp up linearly", check=non_negative),
+    WARMUP,
+    LOGIT_STAND,
 )
 
 
@@ -107,4 +116,4 @@ PARAMS = (
     warmup=20.0,
 )
 def build(cfg, student: nn.Module, teacher: nn.Module, **_) -> nn.Module:
-    return DKDLoss(cfg.T, cfg.ce_weight, cfg.tckd_weight, cfg.nckd_weight, cfg.warmup)
+    return DKDLoss(cfg.T, cfg.ce_weight, cfg.tckd_weight, cfg.nckd_weight, cfg.warmup, cfg.logit_stand)

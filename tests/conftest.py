@@ -59,3 +59,49 @@ def real_cifar10() -> str:
         pytest.skip(f"real CIFAR-10 not found in {data_dir} and no copy at {SHARED_DATA}")
     subprocess.run([sys.executable, str(script), str(data_dir)], check=True)
     return str(data_dir)
+
+
+# ----------------------------------------------------------------------------- shared checks of whole runs
+
+
+def assert_same_run(a, b):
+    """Two results of one run config are the same to the bit: folder name, metrics (timing aside),
+    weights, the loss's own state (adapters, memory banks) and the RNG state."""
+    import pandas as pd
+    import torch
+
+    from checkpoints import read_checkpoint
+    from train_eval import TIMING_COLUMNS
+
+    assert a.run_dir.split("/")[-1] == b.run_dir.split("/")[-1]
+    pd.testing.assert_frame_equal(a.history.drop(columns=TIMING_COLUMNS), b.history.drop(columns=TIMING_COLUMNS))
+    sa, sb = read_checkpoint(a.run_dir), read_checkpoint(b.run_dir)
+    for key, value in sa["model"].items():
+        assert torch.equal(value, sb["model"][key]), key
+    assert sa["train_state"]["task"].keys() == sb["train_state"]["task"].keys()
+    for key, value in sa["train_state"]["task"].items():
+        assert torch.equal(value, sb["train_state"]["task"][key]), key
+    assert torch.equal(sa["train_state"]["rng"], sb["train_state"]["rng"])
+
+
+class Interrupt(Exception):
+    """Stands for a kill right after an epoch's checkpoint."""
+
+
+def interrupted_then_resumed(cfg, monkeypatch, after_epoch: int = 0):
+    """Run ``cfg`` (``distiller.distill``), interrupted right after epoch ``after_epoch``'s checkpoint
+    (0-based), then run it again: the resumed result."""
+    from functools import partial
+
+    import train_eval
+    from distiller import distill
+
+    def interrupt(epoch, row):
+        if epoch == after_epoch:
+            raise Interrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(train_eval, "fit", partial(train_eval.fit, callbacks=(interrupt,)))
+        with pytest.raises(Interrupt):
+            distill(cfg)
+    return distill(cfg)

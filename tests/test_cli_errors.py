@@ -46,6 +46,10 @@ CASES = [
     ("train_kd", ["--sweep", "milestones=1,2"], "--sweep", "milestones"),
     ("train_kd", ["--sweep", "name=a,b"], "--sweep", "name=a,b"),
     ("train_kd", ["--sweep", "T=2,4", "--name", "mine"], "--name", "mine"),
+    ("train_kd", ["--sweep", "T=2,4", "--prune", "x"], "--prune", "x"),
+    ("train_kd", ["--sweep", "T=2,4", "--prune", "-1"], "--prune", "-1"),
+    ("train_kd", ["--prune", "2"], "--prune", "--sweep"),
+    ("train_kd", ["--stop-after", "-1"], "--stop-after", "-1"),
     # config values, on each command line
     ("train_kd", ["--profile", "x"], "--profile", "x"),
     ("train_kd", ["--method", "x"], "--method", "x"),
@@ -126,7 +130,7 @@ def test_a_bad_value_is_a_one_line_usage_error_naming_option_and_value(workspace
 
 
 def test_a_failed_sweep_is_a_message_not_a_traceback(workspace, capsys, monkeypatch):
-    def failing(cfg, grid, seeds, jobs):
+    def failing(cfg, grid, seeds, jobs, prune=None):
         err = RuntimeError("1 of 2 runs failed (the others finished; rerunning the sweep redoes only the missing ones)")
         err.results = None
         raise err

@@ -2,14 +2,13 @@
 
 from dataclasses import replace
 
-import pandas as pd
 import pytest
 import torch
 
 import train_eval
 from checkpoints import read_checkpoint
+from conftest import assert_same_run
 from distiller import distill, distill_together
-from train_eval import TIMING_COLUMNS
 
 MIXED = [
     ("ce", {}),
@@ -27,17 +26,6 @@ def configs(smoke_cfg, teacher, out_dir, methods=MIXED, **common):
         smoke_cfg(method=m, teacher=teacher, epochs=2, threads=1, out_dir=str(out_dir), **extra, **common)
         for m, extra in methods
     ]
-
-
-def assert_same_run(a, b):
-    assert a.run_dir.split("/")[-1] == b.run_dir.split("/")[-1]
-    pd.testing.assert_frame_equal(a.history.drop(columns=TIMING_COLUMNS), b.history.drop(columns=TIMING_COLUMNS))
-    sa, sb = read_checkpoint(a.run_dir), read_checkpoint(b.run_dir)
-    for key, value in sa["model"].items():
-        assert torch.equal(value, sb["model"][key]), key
-    for key, value in sa["train_state"]["task"].items():  # adapters, memory banks
-        assert torch.equal(value, sb["train_state"]["task"][key]), key
-    assert torch.equal(sa["train_state"]["rng"], sb["train_state"]["rng"])
 
 
 def test_a_mixed_cohort_equals_its_solo_runs_to_the_bit(smoke_cfg, smoke_teacher, tmp_path):
@@ -161,3 +149,15 @@ def test_test_is_read_at_the_end_and_at_the_picked_epoch_and_training_is_unchang
     assert summarize(a)["best_top1"] == summarize(b)["best_top1"]
     for x, y in zip(every.model.state_dict().values(), end.model.state_dict().values(), strict=True):
         assert torch.equal(x, y)
+
+
+def test_new_teachers_train_in_parallel_at_one_thread_and_finished_ones_are_read_back(smoke_cfg, tmp_path):
+    from experiment import teacher_config, train_teachers
+    from runs import train
+
+    base = teacher_config(smoke_cfg(teacher_epochs=1, teacher_threads=2, out_dir=str(tmp_path)))
+    first = train(base)  # already trained at its own 2 threads: read back as it is
+    a, b, c = train_teachers([base, replace(base, seed=1, data_seed=1), replace(base, seed=2, data_seed=2)], jobs=2)
+    assert a.run_dir == first.run_dir and a.config.threads == 2
+    assert b.config.threads == c.config.threads == 1 and len({a.run_dir, b.run_dir, c.run_dir}) == 3
+    assert b.config.seed == 1 and c.config.seed == 2

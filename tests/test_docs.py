@@ -43,6 +43,8 @@ HELP_ONLY = {
     "hub:": "downloads a released teacher (test_foreign_checkpoints.py runs hub: offline)",
     "benchmarks/sweep_speed.py": "minutes of measurements on real CIFAR-10 (test_cohorts.py checks that what it "
     "compares gives equal results; --quick runs it on generated data)",
+    "benchmarks/kd_table.py": "hours of training on real CIFAR-10 (every method's smoke run is in its test file; "
+    "--quick runs the script on generated data)",
 }
 
 

@@ -217,6 +217,9 @@ def test_the_chance_rule_waits_for_a_few_epochs_and_follows_the_latest():
     assert chance_failure(_history([(1.2, 0.9)] * 3), 100, 30)  # CIFAR-100: chance is 1%
     assert chance_failure(_history([(2.3, 3.0)] * 3), 100, 30) is None
     assert "test_top1" in chance_failure(_history(stuck, val=False), 10, 30)  # no validation split: test
+    # a pre-training stage (AB's, say: 3 epochs) is waited out before the 3 epochs of patience
+    assert chance_failure(_history([(10.0, 10.0)] * 5), 10, 30, grace=3) is None
+    assert "after 6 epochs" in chance_failure(_history([(10.0, 10.0)] * 6), 10, 30, grace=3)
 
 
 def test_a_run_at_chance_is_warned_about_and_marked_failed_in_its_folder(smoke_cfg):

@@ -1,0 +1,249 @@
+"""Every registered distillation method on the `cpu` pair, at its released recipe: the untuned table.
+
+    python benchmarks/kd_table.py              # resumable; reuses finished runs; writes docs/methods_untuned.*
+    python benchmarks/kd_table.py --quick      # smoke profile on generated data: checks the script (seconds)
+    python benchmarks/kd_table.py --table-only # rebuild the table from the committed CSV
+    python benchmarks/kd_table.py --methods ce kd at   # some methods; their rows replace theirs in the CSV
+
+Each method runs with its published recipe, untuned, 3 seeds (model and stream seed together, so
+every method is paired by seed with cross-entropy and KD), on the demo's teacher (VGG13 x1/4, seed
+0) and student (VGG8 x1/8, 10,000 images, 30 epochs). Values counted in epochs of the release's
+240-epoch schedule are scaled to this one (DKD's and ReviewKD's warm-up 20 → 2.5, CTKD's curriculum 10
+→ 1.25), and CRD draws the release's share of negatives (16,384 of 50,000 images → 3,277 of 10,000);
+FSP, AB and FT take their init stage as the same share of the run as the release. The teacher of
+feature methods runs under bf16 autocast, the logit methods read cached logits (as the notebooks).
+
+Every run lands in ``docs/methods_untuned.csv`` (method, seed, teacher, validation and test top-1,
+minutes had it run alone); the markdown table (validation top-1, paired differences to CE and to KD
+with 95% CIs, failed runs) and its figure are rebuilt from that file. Only validation is compared:
+nothing here is picked, and the table is labelled untuned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import pandas as pd
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from analysis import FAILED, ci95, compare_columns, minutes_alone  # noqa: E402
+from config import make_config  # noqa: E402
+from experiment import teacher_config  # noqa: E402
+from registry import METHODS, loss_methods  # noqa: E402
+from runs import make_loaders, train  # noqa: E402
+from sweeps import RunsFailed, sweep  # noqa: E402
+
+DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
+RELEASE_EPOCHS = 240  # the CIFAR-100 schedule the recipes' epoch counts belong to
+RELEASE_TRAIN_IMAGES = 50_000
+CRD_NEGATIVES = 16_384
+
+
+def methods() -> list[str]:
+    """Cross-entropy, then every registered distillation method but the ``+kd`` combinations and
+    FitNets' stage 1 (a pre-training step, not a method one compares)."""
+    return ["ce", *sorted(m for m in loss_methods() if "+kd" not in m and m != "fitnet_stage1")]
+
+
+def base_config(args):
+    if args.quick:
+        return make_config("smoke", out_dir=args.out_dir, epochs=3, threads=1)
+    return make_config("cpu", data_dir=args.data_dir, out_dir=args.out_dir)
+
+
+def scaled(cfg) -> dict:
+    """The recipe values that count epochs or images of the release, scaled to ``cfg``'s run."""
+    train_images = len(make_loaders(cfg).train.images)
+    share = cfg.epochs / RELEASE_EPOCHS
+    return {
+        "warmup": 20 * share,
+        "ctkd_loops": 10 * share,
+        "crd_negatives": min(round(CRD_NEGATIVES * train_images / RELEASE_TRAIN_IMAGES), train_images - 1),
+    }
+
+
+def run(args) -> pd.DataFrame:
+    cfg = base_config(args)
+    teacher = train(teacher_config(cfg))
+    cfg = replace(cfg, teacher=teacher.run_dir, **scaled(cfg))
+    names = args.methods or methods()
+    unknown = sorted(set(names) - set(METHODS.names()))
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; registered: {', '.join(methods())}")
+    cached = [m for m in names if METHODS[m].needs_teacher and not METHODS[m].needs_features]
+    online = [m for m in names if m not in cached]
+    parts = [
+        _sweep(replace(cfg, teacher_cache=True), cached, args),
+        _sweep(replace(cfg, teacher_amp="bf16"), online, args),
+    ]
+    df = pd.concat([p for p in parts if p is not None], ignore_index=True)
+    trained = [d for d in df["run_dir"] if os.path.isfile(os.path.join(d, "checkpoint.pt"))]
+    df["minutes_alone"] = df["run_dir"].map(minutes_alone(trained))
+    df["teacher"] = os.path.basename(teacher.run_dir)
+    df["commit"] = _commit()
+    df["processor"] = processor()  # runs on two kinds of processor differ in their bits: do not pair them
+    keep = [
+        "method",
+        "seed",
+        "teacher",
+        "val_top1",
+        "test_top1",
+        "minutes_alone",
+        FAILED,
+        "error",
+        "commit",
+        "processor",
+    ]
+    return df[[c for c in keep if c in df]]
+
+
+def _sweep(cfg, names: list[str], args) -> pd.DataFrame | None:
+    if not names:
+        return None
+    try:
+        return sweep(cfg, {"method": names}, seeds=range(args.seeds), jobs=args.jobs)
+    except RunsFailed as err:  # a method that breaks is a row of the table, not the end of the benchmark
+        return err.results
+
+
+def table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per method: validation top-1 (mean, 95% CI), paired differences to CE and KD, failures."""
+    ok = df[df.get(FAILED, pd.Series(index=df.index, dtype=object)).isna() & df["val_top1"].notna()]
+    rows = []
+    for method, runs in _ran(df).groupby("method", sort=False):
+        good = ok[ok["method"] == method]
+        rows.append(
+            {
+                "method": method,
+                "runs": len(runs),
+                "failed": len(runs) - len(good),
+                "val_top1": good["val_top1"].mean(),
+                "ci95": ci95(good["val_top1"]) if len(good) > 1 else float("nan"),
+                "minutes": runs["minutes_alone"].mean(),
+            }
+        )
+    out = pd.DataFrame(rows).set_index("method")
+    for base in ("ce", "kd"):
+        if base not in set(ok["method"]):
+            continue
+        diffs = compare_columns(ok, by="method", baseline=base, columns=["val_top1"]).xs("val_top1", level=1)
+        out[f"vs {base}"] = diffs["diff"]
+        ci = diffs["ci_low"].map("{:+.2f}".format) + " to " + diffs["ci_high"].map("{:+.2f}".format)
+        out[f"vs {base} 95% CI"] = ci
+    return out.sort_values("val_top1", ascending=False)
+
+
+def _ran(df: pd.DataFrame) -> pd.DataFrame:
+    """The runs that started; a method whose every run was refused (an error before training) is listed apart."""
+    refused = df.groupby("method")["error"].apply(lambda e: e.notna().all()) if "error" in df else pd.Series()
+    return df[~df["method"].map(refused).fillna(False).astype(bool)]
+
+
+def refused(df: pd.DataFrame) -> dict[str, str]:
+    """Methods that could not run on this pair at all, and why (their first error)."""
+    if "error" not in df:
+        return {}
+    gone = set(df["method"]) - set(_ran(df)["method"])
+    return {m: df[df["method"] == m]["error"].iloc[0] for m in sorted(gone)}
+
+
+def write(df: pd.DataFrame, prefix: str) -> None:
+    df.to_csv(f"{prefix}.csv", index=False)
+    t = table(df)
+    commits = ", ".join(sorted(set(df["commit"])))
+    where = ", ".join(sorted(set(df["processor"]))) if "processor" in df else "an unrecorded processor"
+    lines = [
+        "Untuned: every method at its released recipe, validation top-1 of the last epoch (cpu profile, "
+        f"3 seeds, teacher seed 0), from `python benchmarks/kd_table.py` at {commits}. Differences are paired "
+        "by seed; a CI that spans 0 is within noise. `minutes`: one run, had it run alone (CPU time). "
+        f"Processor: {where}.",
+        "",
+        markdown(t.round(2)),
+    ]
+    for method, why in refused(df).items():
+        lines += ["", f"`{method}` could not run on this pair: {why}"]
+    lines += ["", f"![validation top-1 by method]({os.path.basename(prefix)}.png)"]
+    plot(t, f"{prefix}.png")
+    with open(f"{prefix}.md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(t.round(2).to_string())
+
+
+def plot(t: pd.DataFrame, path: str) -> None:
+    """Each method's mean validation top-1 with its 95% CI over seeds; CE and KD as reference lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = t.sort_values("val_top1")
+    fig, ax = plt.subplots(figsize=(6, 0.28 * len(t) + 1))
+    ax.errorbar(t["val_top1"], range(len(t)), xerr=t["ci95"].fillna(0), fmt="o", color="k", capsize=2)
+    for base, style in (("ce", ":"), ("kd", "--")):
+        if base in t.index:
+            ax.axvline(t.loc[base, "val_top1"], ls=style, color="grey", label=base)
+    ax.set_yticks(range(len(t)), t.index)
+    ax.set_xlabel("validation top-1 (%), mean and 95% CI over seeds")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(t: pd.DataFrame) -> str:
+    """A table as GitHub markdown (pandas' ``to_markdown`` needs a package this project does not install)."""
+    frame = t.reset_index().astype(object).where(t.reset_index().notna(), "–")
+    rows = [list(frame.columns), ["---"] * len(frame.columns), *frame.astype(str).values.tolist()]
+    return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in rows)
+
+
+def processor() -> str:
+    """The CPU's model name and its widest vector instructions (what decides oneDNN's kernels)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        import platform
+
+        return platform.processor() or "unknown"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    isa = "avx512" if "avx512f" in info else "avx2" if "avx2" in info else "other"
+    return f"{name} ({isa})"
+
+
+def _commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=DOCS)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    return out.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
+def main(argv=None) -> pd.DataFrame:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke profile on generated data")
+    parser.add_argument("--table-only", action="store_true", help="rebuild the table from the CSV, train nothing")
+    parser.add_argument("--data-dir", default="./data")
+    parser.add_argument("--out-dir", default="runs")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--jobs", default="auto")
+    parser.add_argument("--methods", nargs="+", default=None, help="a subset (default: every method)")
+    parser.add_argument("--prefix", default=os.path.join(DOCS, "methods_untuned"), help="CSV and markdown path")
+    args = parser.parse_args(argv)
+    args.jobs = args.jobs if args.jobs == "auto" else int(args.jobs)
+    done = pd.read_csv(f"{args.prefix}.csv") if os.path.isfile(f"{args.prefix}.csv") else None
+    if args.table_only:
+        df = done
+    else:  # the runs of this call replace their earlier rows; the other methods' rows are kept
+        df = run(args)
+        if done is not None:
+            df = pd.concat([done, df]).drop_duplicates(["method", "seed", "teacher"], keep="last")
+    write(df, args.prefix)
+    return df
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
