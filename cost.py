@@ -2,6 +2,7 @@
 
 measure_cost(make_config("cpu", method="crd", teacher="runs/<teacher>"))
 # {"seconds_per_step", "images_per_s", "state_mb", "step_peak_mb", "peak_memory_mb", "extra_params"}
+processor()  # "AMD EPYC (avx2)": the machine a measurement (or a run's bits) belongs to
 """
 
 from __future__ import annotations
@@ -149,3 +150,17 @@ def measure_cost(cfg: Config, steps: int = 20) -> dict:
     result = queue.get()
     proc.join()
     return result
+
+
+def processor() -> str:
+    """The CPU's model name and its widest vector instructions (what decides oneDNN's kernels)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        import platform
+
+        return platform.processor() or "unknown"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    isa = "avx512" if "avx512f" in info else "avx2" if "avx2" in info else "other"
+    return f"{name} ({isa})"

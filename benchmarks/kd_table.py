@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from analysis import FAILED, ci95, compare_columns, minutes_alone  # noqa: E402
 from config import make_config  # noqa: E402
+from cost import processor  # noqa: E402
 from experiment import teacher_config  # noqa: E402
 from registry import METHODS, loss_methods  # noqa: E402
 from runs import make_loaders, train  # noqa: E402
@@ -200,20 +201,6 @@ def markdown(t: pd.DataFrame) -> str:
     frame = t.reset_index().astype(object).where(t.reset_index().notna(), "–")
     rows = [list(frame.columns), ["---"] * len(frame.columns), *frame.astype(str).values.tolist()]
     return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in rows)
-
-
-def processor() -> str:
-    """The CPU's model name and its widest vector instructions (what decides oneDNN's kernels)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-    except OSError:
-        import platform
-
-        return platform.processor() or "unknown"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
-    isa = "avx512" if "avx512f" in info else "avx2" if "avx2" in info else "other"
-    return f"{name} ({isa})"
 
 
 def _commit() -> str:

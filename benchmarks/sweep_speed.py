@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +30,7 @@ from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from cost import processor  # noqa: E402
 from distiller import distill, distill_together  # noqa: E402
 from pruning import Prune  # noqa: E402
 from train_eval import TIMING_COLUMNS, make_config, train  # noqa: E402
@@ -166,6 +168,8 @@ def main(argv=None) -> dict:
         report.update(profile="smoke" if args.quick else "cpu", epochs=1 if args.quick else args.epochs)
         for row in args.rows:
             report[row] = ROWS[row](args, teacher)
+            if isinstance(report[row], dict):  # rows kept from an earlier run keep their own provenance
+                report[row].update(commit=_commit(), processor=processor())
         report["timing_columns_ignored"] = TIMING_COLUMNS
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
@@ -180,6 +184,12 @@ ROWS = {
     "test_read_at_end": test_reading_row,
     "pruning": pruning_row,
 }
+
+
+def _commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    return out.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 def _existing(path: str) -> dict:
