@@ -101,6 +101,8 @@ def _cost(cfg: Config, steps: int) -> dict:
     if cfg.channels_last:
         task.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(task, cfg)
+    if hasattr(task, "set_epoch"):  # a step of the main stage: past warm-ups and init stages (FSP, AB, FT)
+        task.set_epoch(cfg.epochs - 1)
     batches = iter(train_loader)
     amp = amp_enabled(cfg, device)
 

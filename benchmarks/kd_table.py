@@ -3,6 +3,7 @@
     python benchmarks/kd_table.py              # resumable; reuses finished runs; writes docs/methods_untuned.*
     python benchmarks/kd_table.py --quick      # smoke profile on generated data: checks the script (seconds)
     python benchmarks/kd_table.py --table-only # rebuild the table from the committed CSV
+    python benchmarks/kd_table.py --cost       # each method's seconds per step against CE (minutes)
     python benchmarks/kd_table.py --methods ce kd at   # some methods; their rows replace theirs in the CSV
 
 Each method runs with its published recipe, untuned, 3 seeds (model and stream seed together, so
@@ -33,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from analysis import FAILED, ci95, compare_columns, minutes_alone  # noqa: E402
 from config import make_config  # noqa: E402
-from cost import processor  # noqa: E402
+from cost import measure_cost, processor  # noqa: E402
 from experiment import teacher_config  # noqa: E402
 from registry import METHODS, loss_methods  # noqa: E402
 from runs import make_loaders, train  # noqa: E402
@@ -69,23 +70,14 @@ def scaled(cfg) -> dict:
 
 
 def run(args) -> pd.DataFrame:
-    cfg = base_config(args)
-    teacher = train(teacher_config(cfg))
-    cfg = replace(cfg, teacher=teacher.run_dir, **scaled(cfg))
-    names = args.methods or methods()
-    unknown = sorted(set(names) - set(METHODS.names()))
-    if unknown:
-        raise SystemExit(f"unknown method(s) {unknown}; registered: {', '.join(methods())}")
-    cached = [m for m in names if METHODS[m].needs_teacher and not METHODS[m].needs_features]
-    online = [m for m in names if m not in cached]
-    parts = [
-        _sweep(replace(cfg, teacher_cache=True), cached, args),
-        _sweep(replace(cfg, teacher_amp="bf16"), online, args),
-    ]
-    df = pd.concat([p for p in parts if p is not None], ignore_index=True)
+    cfgs = configs(args)
+    cached = [m for m, c in cfgs.items() if c.teacher_cache]
+    online = [m for m in cfgs if m not in cached]
+    parts = [_sweep(cfgs[group[0]], group, args) for group in (cached, online) if group]
+    df = pd.concat(parts, ignore_index=True)
     trained = [d for d in df["run_dir"] if os.path.isfile(os.path.join(d, "checkpoint.pt"))]
     df["minutes_alone"] = df["run_dir"].map(minutes_alone(trained))
-    df["teacher"] = os.path.basename(teacher.run_dir)
+    df["teacher"] = os.path.basename(next(iter(cfgs.values())).teacher)
     df["commit"] = _commit()
     df["processor"] = processor()  # runs on two kinds of processor differ in their bits: do not pair them
     keep = [
@@ -103,9 +95,38 @@ def run(args) -> pd.DataFrame:
     return df[[c for c in keep if c in df]]
 
 
-def _sweep(cfg, names: list[str], args) -> pd.DataFrame | None:
-    if not names:
-        return None
+def configs(args) -> dict:
+    """Each method's run config as the table trains it: cached logits for logit methods, a bf16
+    teacher online for the others, the recipe's epoch and image counts scaled to the run."""
+    cfg = base_config(args)
+    teacher = train(teacher_config(cfg))
+    cfg = replace(cfg, teacher=teacher.run_dir, **scaled(cfg))
+    out = {}
+    for m in args.methods or methods():
+        if m not in METHODS.names():
+            raise SystemExit(f"unknown method {m!r}; registered: {', '.join(methods())}")
+        logit = METHODS[m].needs_teacher and not METHODS[m].needs_features
+        out[m] = replace(cfg, method=m, **({"teacher_cache": True} if logit else {"teacher_amp": "bf16"}))
+    return out
+
+
+def step_costs(args) -> pd.DataFrame:
+    """Seconds per training step of each method (``cost.measure_cost``: a fresh process, the median
+    of 20 steps, at the main stage), relative to cross-entropy's measured in the same call."""
+    rows = []
+    for m, cfg in configs(args).items():
+        try:
+            rows.append({"method": m, **measure_cost(cfg)})
+        except Exception as err:  # a method that cannot run on this pair (FSP's channels) is a row
+            rows.append({"method": m, "error": f"{type(err).__name__}: {err}"})
+    df = pd.DataFrame(rows)
+    if "ce" in set(df["method"]):
+        df["relative_to_ce"] = df["seconds_per_step"] / df.loc[df["method"] == "ce", "seconds_per_step"].iloc[0]
+    df["commit"], df["processor"] = _commit(), processor()
+    return df
+
+
+def _sweep(cfg, names: list[str], args) -> pd.DataFrame:
     try:
         return sweep(cfg, {"method": names}, seeds=range(args.seeds), jobs=args.jobs)
     except RunsFailed as err:  # a method that breaks is a row of the table, not the end of the benchmark
@@ -213,6 +234,9 @@ def main(argv=None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke profile on generated data")
     parser.add_argument("--table-only", action="store_true", help="rebuild the table from the CSV, train nothing")
+    parser.add_argument(
+        "--cost", action="store_true", help="only each method's seconds per step vs CE: <prefix>_cost.csv"
+    )
     parser.add_argument("--data-dir", default="./data")
     parser.add_argument("--out-dir", default="runs")
     parser.add_argument("--seeds", type=int, default=3)
@@ -221,6 +245,11 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--prefix", default=os.path.join(DOCS, "methods_untuned"), help="CSV and markdown path")
     args = parser.parse_args(argv)
     args.jobs = args.jobs if args.jobs == "auto" else int(args.jobs)
+    if args.cost:
+        costs = step_costs(args)
+        costs.to_csv(f"{args.prefix}_cost.csv", index=False)
+        print(costs.round(3).to_string(index=False))
+        return costs
     done = pd.read_csv(f"{args.prefix}.csv") if os.path.isfile(f"{args.prefix}.csv") else None
     if args.table_only:
         df = done

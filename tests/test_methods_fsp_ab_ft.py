@@ -1,5 +1,6 @@
 """FSP, AB and FT: their losses pinned to values computed by hand from the papers' equations, their
-init stage as the first epochs of the one run, and runs that train, resume and share a cohort to the bit."""
+init stage as the first epochs of the one run, and runs that train and resume to the bit (cohorts:
+test_methods_all.py)."""
 
 import math
 
@@ -9,7 +10,7 @@ from torch import nn
 
 from checkpoints import read_checkpoint
 from conftest import assert_same_run, interrupted_then_resumed
-from distiller import Distiller, distill, distill_together, get_method
+from distiller import Distiller, distill, get_method
 from methods._init_stage import init_epochs
 from methods.ab import ABLoss
 from methods.fsp import FSPLoss, fsp_matrix
@@ -239,7 +240,7 @@ def test_unusable_shapes_are_refused_saying_what_to_do():
         task_for("ft", ft_rate=0.01)
 
 
-# ----------------------------------------------------------------------------- runs: train, resume, cohort
+# ----------------------------------------------------------------------------- runs: train, resume
 
 METHODS = ("fsp", "ab", "ft")
 RUN = dict(epochs=4, init_fraction=0.5, threads=1)  # 2 init epochs, then 2 main ones
@@ -282,10 +283,3 @@ def test_a_run_interrupted_in_its_init_stage_resumes_bit_identically(
     first = read_checkpoint(run_dir_for(cfg))["metrics"][0]
     assert f"train_{method}_init" in first and "train_ce" not in first
     assert_same_run(straight[method], resumed)
-
-
-def test_a_cohort_of_the_three_equals_their_solo_runs_to_the_bit(straight, synthetic_dir, smoke_teacher, tmp_path):
-    cfgs = [run_config(synthetic_dir, smoke_teacher.run_dir, tmp_path, m) for m in METHODS]
-    for method, together in zip(METHODS, distill_together(cfgs), strict=True):
-        assert not isinstance(together, Exception), together
-        assert_same_run(straight[method], together)

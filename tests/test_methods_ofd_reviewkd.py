@@ -1,18 +1,17 @@
 """OFD (Heo et al. 2019) and ReviewKD (Chen et al. 2021): the losses pinned to values computed by hand from
-their papers' equations, their runs (training, resuming, in a cohort), and their builders on every model."""
+their papers' equations, their runs (training, resuming; cohorts: test_methods_all.py), and their
+builders on every model."""
 
 import math
 from dataclasses import replace
 
 import pytest
 import torch
-from test_cohorts import configs
 from torch import nn
 
 import train_eval
-from checkpoints import read_checkpoint
 from conftest import assert_same_run, interrupted_then_resumed
-from distiller import distill, distill_together, get_method
+from distiller import distill, get_method
 from methods.ofd import OFDLoss, negative_mean
 from methods.reviewkd import ABF, ReviewKDLoss, hcl
 from model import create_model, list_models
@@ -242,14 +241,3 @@ def test_reviewkd_interrupted_mid_warm_up_resumes_bit_identically(smoke_cfg, smo
     cfg = smoke_cfg(method="reviewkd", teacher=smoke_teacher.run_dir, epochs=2, warmup=2.0)
     straight = distill(replace(cfg, out_dir=str(tmp_path / "a")))
     assert_same_run(straight, interrupted_then_resumed(replace(cfg, out_dir=str(tmp_path / "b")), monkeypatch))
-
-
-def test_ofd_reviewkd_and_ofd_kd_in_a_cohort_equal_their_solo_runs_to_the_bit(smoke_cfg, smoke_teacher, tmp_path):
-    methods = [("ofd", {}), ("reviewkd", {"warmup": 1.0}), ("ofd+kd", {})]
-    cfgs = configs(smoke_cfg, smoke_teacher.run_dir, tmp_path / "solo", methods)
-    solo = [distill(c) for c in cfgs]
-    together = distill_together([replace(c, out_dir=str(tmp_path / "cohort")) for c in cfgs])
-    for a, b in zip(solo, together, strict=True):
-        assert_same_run(a, b)
-    task = read_checkpoint(together[1].run_dir)["train_state"]["task"]
-    assert any(k.startswith("loss.feature.abfs.") for k in task)  # the adapters: checkpointed, compared above

@@ -1,16 +1,15 @@
 """VID, NST, CC and KDSVD: each loss pinned to values computed by hand from its paper's equations, then
-trained in the smoke profile, resumed after an interruption, and trained in a cohort with its solo runs."""
+trained in the smoke profile, resumed after an interruption (every method's cohort: tests/test_methods_all.py)."""
 
 import math
 from dataclasses import replace
 
 import pytest
 import torch
-from test_cohorts import configs
 
 from checkpoints import read_checkpoint
 from conftest import assert_same_run, interrupted_then_resumed
-from distiller import distill, distill_together
+from distiller import distill
 from methods.cc import CCLoss, taylor_rbf
 from methods.kdsvd import KDSVDLoss, right_singular_vectors
 from methods.nst import NSTLoss
@@ -265,12 +264,3 @@ def test_an_interrupted_run_resumes_bit_identically(method, smoke_cfg, smoke_tea
     assert_same_run(straight, interrupted_then_resumed(replace(cfg, out_dir=str(tmp_path / "b")), monkeypatch))
     task = read_checkpoint(straight.run_dir)["train_state"]["task"]  # regressors, variances, embeddings
     assert any(k.startswith("loss.feature.") for k in task) == (method != "nst")  # NST has nothing to train
-
-
-def test_a_cohort_of_the_four_equals_their_solo_runs_to_the_bit(smoke_cfg, smoke_teacher, tmp_path):
-    methods = [(m, {}) for m in METHODS] + [("vid+kd", {})]
-    cfgs = configs(smoke_cfg, smoke_teacher.run_dir, tmp_path / "solo", methods, **SMALL)
-    solo = [distill(c) for c in cfgs]
-    together = distill_together([replace(c, out_dir=str(tmp_path / "cohort")) for c in cfgs])
-    for a, b in zip(solo, together, strict=True):
-        assert_same_run(a, b)
