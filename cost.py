@@ -82,8 +82,11 @@ def state_bytes(task: nn.Module, optimizer: torch.optim.Optimizer) -> int:
 
 
 def _cost_worker(cfg: Config, steps: int, queue) -> None:
-    with thread_count(cfg.threads):  # the run's own thread count: a cost is per run, as the runs go
-        queue.put(_cost(cfg, steps))
+    try:
+        with thread_count(cfg.threads):  # the run's own thread count: a cost is per run, as the runs go
+            queue.put(_cost(cfg, steps))
+    except Exception as err:  # the parent waits on the queue: it must hear of a failure, not hang
+        queue.put(err)
 
 
 def _cost(cfg: Config, steps: int) -> dict:
@@ -151,6 +154,8 @@ def measure_cost(cfg: Config, steps: int = 20) -> dict:
     proc.start()
     result = queue.get()
     proc.join()
+    if isinstance(result, Exception):
+        raise result
     return result
 
 

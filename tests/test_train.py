@@ -173,3 +173,12 @@ def test_state_bytes_counts_the_frozen_teacher_and_optimizer_state():
     opt.step()  # momentum buffers: one per student parameter
     params = lambda m: sum(p.numel() for p in m.parameters()) * 4  # noqa: E731
     assert train_kd.state_bytes(task, opt) == 2 * params(student) + params(teacher)
+
+
+def test_a_method_that_cannot_run_is_an_error_of_measure_cost_not_a_hang(smoke_cfg, smoke_teacher):
+    from cost import measure_cost
+
+    # FSP needs equal channels; the smoke student (x1/16) and teacher (x1/8) differ: the fresh
+    # process fails while building the loss, and the caller must hear it instead of waiting forever
+    with pytest.raises(ValueError, match="FSP compares"):
+        measure_cost(smoke_cfg(method="fsp", teacher=smoke_teacher.run_dir), steps=1)
