@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+import mobilenetv2
 import vgg
 from exports import moved
 from registry import Registry, UnknownNameError, definition  # noqa: F401  (importable from here, as before)
@@ -25,6 +26,7 @@ for _name in vgg.STAGES:
     register_model(_name)(getattr(vgg, _name))
 for _name in ("vgg11", "vgg13", "vgg16", "vgg19"):  # torchvision's layout: pytorch-cifar-models' teachers
     register_model(f"{_name}_tv")(functools.partial(vgg.tv_vgg, _name))
+register_model("mobilenetv2")(mobilenetv2.mobilenetv2)  # the cross-family student; width 0.5 is ``mobile_half``
 
 
 # Models made of several registered networks (an ensemble, specialists and their head); their

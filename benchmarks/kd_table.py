@@ -12,7 +12,8 @@ every method is paired by seed with cross-entropy and KD), on the demo's teacher
 240-epoch schedule are scaled to this one (DKD's and ReviewKD's warm-up 20 → 2.5, CTKD's curriculum 10
 → 1.25), and CRD draws the release's share of negatives (16,384 of 50,000 images → 3,277 of 10,000);
 FSP, AB and FT take their init stage as the same share of the run as the release. The teacher of
-feature methods runs under bf16 autocast, the logit methods read cached logits (as the notebooks).
+feature methods runs under bf16 autocast (`--teacher-amp off`: fp32, faster where the CPU has no native
+bf16), the logit methods read cached logits (as the notebooks).
 
 Every run lands in ``docs/methods_untuned.csv`` (method, seed, teacher, validation and test top-1,
 minutes had it run alone); the markdown table (validation top-1, paired differences to CE and to KD
@@ -106,7 +107,7 @@ def configs(args) -> dict:
         if m not in METHODS.names():
             raise SystemExit(f"unknown method {m!r}; registered: {', '.join(methods())}")
         logit = METHODS[m].needs_teacher and not METHODS[m].needs_features
-        out[m] = replace(cfg, method=m, **({"teacher_cache": True} if logit else {"teacher_amp": "bf16"}))
+        out[m] = replace(cfg, method=m, **({"teacher_cache": True} if logit else {"teacher_amp": args.teacher_amp}))
     return out
 
 
@@ -236,6 +237,12 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--table-only", action="store_true", help="rebuild the table from the CSV, train nothing")
     parser.add_argument(
         "--cost", action="store_true", help="only each method's seconds per step vs CE: <prefix>_cost.csv"
+    )
+    parser.add_argument(
+        "--teacher-amp",
+        choices=["bf16", "off"],
+        default="bf16",
+        help="the online teacher's precision (bf16 is slow where the CPU lacks native bf16: see docs/protocol.md)",
     )
     parser.add_argument("--data-dir", default="./data")
     parser.add_argument("--out-dir", default="runs")

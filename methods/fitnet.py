@@ -88,9 +88,9 @@ class HintPretrain(nn.Module):
     def __init__(self, hint: HintLoss, student: nn.Module):
         super().__init__()
         self.hint = hint
-        for i, stage in enumerate(student.stages):
-            stage.requires_grad_(i <= hint.s_stage)
-        student.classifier.requires_grad_(False)
+        student.requires_grad_(False)  # the head, and whatever else follows the stages (MobileNetV2's last conv)
+        for stage in student.stages[: hint.s_stage + 1]:
+            stage.requires_grad_(True)
 
     def forward(self, logits_s, logits_t, target, s_feats=None, t_feats=None, **_) -> dict[str, torch.Tensor]:
         return {"hint": self.hint(s_feats, t_feats)}

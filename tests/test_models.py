@@ -3,11 +3,21 @@
 import pytest
 import torch
 
+import mobilenetv2
 import vgg
+from distiller import distill
 from model import count_flops, count_params, create_model, list_models
+from train_eval import load_history
 
-SPATIAL = [32, 16, 8, 4, 4]  # max-pool after the first three stages
-SPATIAL_TV = [32, 16, 8, 4, 2]  # torchvision layout: max-pool after every stage
+SPATIAL = {  # each stage's map size on 32x32 inputs, by hand from the layouts
+    "vgg": [32, 16, 8, 4, 4],  # max-pool after the first three stages
+    "tv": [32, 16, 8, 4, 2],  # torchvision layout: max-pool after every stage
+    "mobilenetv2": [16, 16, 8, 4, 2],  # stride-2 stem, then stride 2 in groups 2, 3 and 5
+}
+
+
+def layout(name: str) -> str:
+    return "tv" if name.endswith("_tv") else "mobilenetv2" if name == "mobilenetv2" else "vgg"
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -21,10 +31,12 @@ def test_output_and_feature_shapes(name, num_classes):
     assert torch.isfinite(logits).all()
     assert torch.equal(model(x), logits)
     assert len(feats["stages"]) == len(model.stage_channels) == 5
-    spatial = SPATIAL_TV if name.endswith("_tv") else SPATIAL
+    spatial = SPATIAL[layout(name)]
+    assert [32 // s for s in model.stage_strides] == spatial
     for f, p, c, s in zip(feats["stages"], feats["preact"], model.stage_channels, spatial, strict=True):
         assert f.shape == p.shape == (3, c, s, s)
-        assert torch.equal(f, p.relu())
+        # a stage ends in a ReLU (VGG, MobileNetV2's stem) or in a linear bottleneck (its own pre-activation)
+        assert torch.equal(f, p.relu()) or torch.equal(f, p)
         assert (p < 0).any(), "pre-activation features must keep their negative part"
     assert feats["pooled"].shape == (3, model.embed_dim)
 
@@ -44,6 +56,33 @@ def test_vgg8_parameter_count_by_hand():
     bn = sum(2 * c for c in channels[1:])
     head = 512 * 100 + 100
     assert count_params(vgg.vgg8(num_classes=100)) == conv + bn + head  # 3.96 M
+
+
+def test_mobilenetv2_parameter_count_by_hand():
+    """mobile_half (width 0.5, expansion 6), counted from the paper's block: 1x1 expand, 3x3 depthwise,
+    1x1 linear projection, each conv without bias and followed by a batch norm (2 parameters per channel)."""
+    groups = [(1, 16, 1), (6, 24, 2), (6, 32, 3), (6, 64, 4), (6, 96, 3), (6, 160, 3), (6, 320, 1)]
+    c = 16  # the stem's 32 channels at width 0.5
+    total = 3 * c * 9 + 2 * c
+    for t, c_out, n in groups:
+        c_out //= 2
+        for _ in range(n):
+            h = c * t
+            total += c * h + 2 * h + 9 * h + 2 * h + h * c_out + 2 * c_out
+            c = c_out
+    total += c * 1280 + 2 * 1280 + 1280 * 100 + 100  # last 1x1 conv (1,280 channels below width 1), head
+    model = create_model("mobilenetv2", num_classes=100, width=0.5)
+    assert count_params(model) == total
+    assert model.stage_channels == [16, 12, 16, 48, 160]
+
+
+def test_mobilenetv2_shortcuts_only_where_shapes_allow():
+    blocks = [b for stage in create_model("mobilenetv2", width=0.5).stages[1:] for b in stage]
+    # a group's first block changes the channels (and in groups 2, 3, 5 the size): no shortcut there
+    expected = [False] + [False, True] + [False, True, True] + [False, True, True, True]
+    expected += [False, True, True] + [False, True, True] + [False]
+    assert [b.residual for b in blocks] == expected
+    assert isinstance(blocks[0], mobilenetv2.InvertedResidual)
 
 
 def test_width_multiplier_and_stage_layouts():
@@ -70,3 +109,11 @@ def test_layer_summary_agrees_with_parameter_count():
     stats = summary(model)
     assert stats.total_params == count_params(model)
     assert "Conv2d" in str(stats)
+
+
+@pytest.mark.parametrize("method", ["ce", "kd", "fitnet+kd", "at"])
+def test_mobilenetv2_student_learns_under_a_vgg_teacher(method, smoke_cfg, smoke_teacher):
+    """The cross-family pair (VGG teacher, MobileNetV2 student) trains through the one loop, features and all."""
+    cfg = smoke_cfg(model="mobilenetv2", width=0.5, method=method, teacher=smoke_teacher.run_dir, epochs=3)
+    h = load_history(distill(cfg).run_dir)
+    assert h["train_loss"].iloc[-1] < h["train_loss"].iloc[0] and h["val_top1"].iloc[-1] > 20
