@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vgg import init_weights
+
 # (expansion t, output channels c, blocks n, first block's stride s), one row per group
 GROUPS: list[tuple[int, int, int, int]] = [
     (1, 16, 1, 1),
@@ -93,18 +95,7 @@ class MobileNetV2(nn.Module):
         self.stage_channels = [stem] + [scale_width(GROUPS[g[-1]][1], width) for g in STAGE_GROUPS[1:]]
         # input size / feature-map size of each stage on 32x32 inputs: 16, 16, 8, 4, 2
         self.stage_strides = [2, 2, 4, 8, 16]
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor, features: bool = False):
         pre = self.stages[0](x)  # (B, C_0, 16, 16)
