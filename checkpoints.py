@@ -21,6 +21,7 @@ from dataclasses import asdict, is_dataclass
 import torch
 from torch import nn
 
+import mobilenetv2
 import vgg
 from atomic_files import atomic_save
 from registry import UnknownNameError
@@ -279,8 +280,11 @@ def _torchvision_to_stages(state: dict) -> dict:
 
 
 def infer_arch(state: dict) -> dict:
-    """The registered network a state dict in this project's layout belongs to: its conv count per
-    stage names the VGG, the first conv its width, the last linear its class count."""
+    """The registered network a state dict in this project's layout belongs to: a MobileNetV2 by its
+    ``last`` conv; for a VGG its conv count per stage names it, the first conv its width, the last
+    linear its class count."""
+    if "last.0.weight" in state:
+        return mobilenetv2.infer_arch(state)
     convs = [k for k, v in state.items() if k.startswith("stages.") and v.dim() == 4]
     counts = collections.Counter(int(k.split(".")[1]) for k in convs)
     shape = [counts[s] for s in range(len(counts))]
@@ -310,7 +314,9 @@ def foreign_checkpoint(ckpt: dict, path: str) -> dict:
         state = _tensors(ckpt)
     except ValueError as err:
         raise ValueError(f"{path} is not a checkpoint this project can read: {err}") from err
-    if any(k.startswith("block0.") for k in state):
+    if mobilenetv2.is_reference_layout(state):
+        fmt, state = "repdistiller", mobilenetv2.from_reference_layout(state)
+    elif any(k.startswith("block0.") for k in state):
         fmt, state = "repdistiller", _renamed(state, "block", "stages.")
     elif any(k.startswith("features.") for k in state):
         fmt, state = "torchvision", _torchvision_to_stages(state)
@@ -327,10 +333,16 @@ def foreign_checkpoint(ckpt: dict, path: str) -> dict:
 
 
 def export_repdistiller(model: nn.Module, path: str, epoch: int | None = None, accuracy: float | None = None) -> None:
-    """Write a full-width VGG in RepDistiller/mdistiller's teacher layout, ``{'model': state_dict with
-    blockN. keys, 'epoch', 'accuracy'}``, which their ``vgg<depth>_bn(num_classes=K)`` loads with
-    ``load_state_dict``; their VGG has a 512-wide linear head only, so other widths and heads are refused."""
-    if not isinstance(model, vgg.VGG) or model.pool_after != vgg.POOL_AFTER or model.embed_dim != 512:
-        raise ValueError("RepDistiller's VGG is this project's vgg8..vgg19 at width 1 (a linear head on 512 features)")
-    state = _renamed(model.state_dict(), "stages.", "block")
+    """Write a network in RepDistiller/mdistiller's layout, ``{'model': state_dict, 'epoch', 'accuracy'}``,
+    which their constructor loads with ``load_state_dict``: a full-width VGG as their
+    ``vgg<depth>_bn(num_classes=K)`` (``blockN.`` keys; their VGG has a 512-wide linear head only, so
+    other widths and heads are refused), a MobileNetV2 as their ``mobilenetv2_T_w(6, width, K)``."""
+    if isinstance(model, mobilenetv2.MobileNetV2):
+        state = mobilenetv2.to_reference_layout(model.state_dict())
+    elif isinstance(model, vgg.VGG) and model.pool_after == vgg.POOL_AFTER and model.embed_dim == 512:
+        state = _renamed(model.state_dict(), "stages.", "block")
+    else:
+        raise ValueError(
+            "RepDistiller's networks here are vgg8..vgg19 at width 1 (a linear head on 512 features) and mobilenetv2"
+        )
     atomic_save({"model": state, "epoch": epoch, "accuracy": accuracy}, path)

@@ -115,3 +115,57 @@ class MobileNetV2(nn.Module):
 def mobilenetv2(num_classes: int = 100, width: float = 1.0, expansion: int = 6) -> MobileNetV2:
     """MobileNetV2 for CIFAR; ``width=0.5`` is the reference codebases' ``mobile_half``."""
     return MobileNetV2(num_classes=num_classes, width=width, expansion=expansion)
+
+
+# ----------------------------------------------------------------------------- the reference codebases' key layout
+# RepDistiller's and mdistiller's module names: ``conv1`` (the stem), ``blocks.<group>.<i>`` (one
+# Sequential per row of GROUPS), ``conv2`` (the 1x1 conv to 1,280), ``classifier.0`` (the head).
+
+
+def _block_renames() -> dict[str, str]:
+    """``blocks.<g>.<i>.`` -> ``stages.<s>.<j>.``: a stage's blocks are its groups' blocks in order."""
+    out = {}
+    for s, groups in enumerate(STAGE_GROUPS):
+        j = 0
+        for g in groups:
+            for i in range(GROUPS[g][2]):
+                out[f"blocks.{g}.{i}."] = f"stages.{s}.{j}."
+                j += 1
+    return out
+
+
+def _renames() -> dict[str, str]:
+    return {"conv1.": "stages.0.", "conv2.": "last.", "classifier.0.": "classifier.", **_block_renames()}
+
+
+def _rename(state: dict, renames: dict[str, str]) -> dict:
+    out = {}
+    for key, value in state.items():
+        old = next((p for p in renames if key.startswith(p)), None)
+        out[renames[old] + key[len(old) :] if old else key] = value
+    return out
+
+
+def from_reference_layout(state: dict) -> dict:
+    """A RepDistiller/mdistiller MobileNetV2 state dict in this module's key layout (same tensors)."""
+    return _rename(state, _renames())
+
+
+def to_reference_layout(state: dict) -> dict:
+    """This module's state dict in RepDistiller/mdistiller's key layout, which their
+    ``mobilenetv2_T_w`` (``mobile_half`` at width 0.5) loads."""
+    return _rename(state, {new: old for old, new in _renames().items()})
+
+
+def is_reference_layout(state: dict) -> bool:
+    return "conv1.0.weight" in state and any(k.startswith("blocks.") for k in state)
+
+
+def infer_arch(state: dict) -> dict:
+    """Width, expansion and class count of a MobileNetV2 state dict in this layout, read from shapes:
+    the last group's 320 x width channels (the stem's 32 x width truncates too coarsely to recover
+    the width), the first expanding block's hidden/input ratio, the head's rows."""
+    width = state["last.0.weight"].shape[1] / GROUPS[-1][1]
+    hidden, c_in = state["stages.1.1.conv.0.weight"].shape[:2]  # group 1's first block: c_in x expansion
+    arch = {"name": "mobilenetv2", "num_classes": state["classifier.weight"].shape[0], "width": width}
+    return arch if hidden // c_in == 6 else {**arch, "expansion": hidden // c_in}

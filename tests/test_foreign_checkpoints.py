@@ -60,6 +60,49 @@ class TorchvisionLayoutVGG(nn.Module):
         return self.classifier(self.features(x).flatten(1))
 
 
+class RepDistillerLayoutMobileNetV2(nn.Module):
+    """RepDistiller's and mdistiller's models/mobilenetv2.py module layout, from its description:
+    ``conv1`` (3x3 stride-2 conv-BN-ReLU), ``blocks``: one Sequential per (t, c, n, s) row of
+    inverted residuals whose ``conv`` is 1x1-BN-ReLU, 3x3 depthwise-BN-ReLU, 1x1-BN (first row t = 1),
+    ``conv2`` (1x1 conv-BN-ReLU to 1280), average pooling, ``classifier`` = Sequential(Linear)."""
+
+    ROWS = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+
+    class Block(nn.Module):
+        def __init__(self, c_in, c_out, stride, t):
+            super().__init__()
+            h = c_in * t
+            self.res = stride == 1 and c_in == c_out
+            self.conv = nn.Sequential(
+                nn.Conv2d(c_in, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU(),
+                nn.Conv2d(h, h, 3, stride, 1, groups=h, bias=False), nn.BatchNorm2d(h), nn.ReLU(),
+                nn.Conv2d(h, c_out, 1, bias=False), nn.BatchNorm2d(c_out),
+            )  # fmt: skip
+
+        def forward(self, x):
+            return x + self.conv(x) if self.res else self.conv(x)
+
+    def __init__(self, width, num_classes):
+        super().__init__()
+        c = int(32 * width)
+        self.conv1 = nn.Sequential(nn.Conv2d(3, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        self.blocks = nn.ModuleList()
+        for t, c_out, n, s in self.ROWS:
+            layers = []
+            for stride in [s] + [1] * (n - 1):
+                layers.append(self.Block(c, int(c_out * width), stride, t))
+                c = int(c_out * width)
+            self.blocks.append(nn.Sequential(*layers))
+        self.conv2 = nn.Sequential(nn.Conv2d(c, 1280, 1, bias=False), nn.BatchNorm2d(1280), nn.ReLU())
+        self.classifier = nn.Sequential(nn.Linear(1280, num_classes))
+
+    def forward(self, x):
+        x = self.conv1(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.classifier(F.adaptive_avg_pool2d(self.conv2(x), 1).flatten(1))
+
+
 def randomized(model: nn.Module) -> nn.Module:
     """Non-trivial BN statistics and affine terms, so that a wrong key mapping shows in the outputs."""
     torch.manual_seed(0)
@@ -87,6 +130,38 @@ def test_repdistiller_teacher_file_loads_with_identical_outputs(name, tmp_path):
     assert ckpt["format"] == "repdistiller" and ckpt["arch"] == {"name": name, "num_classes": 100, "width": 1.0}
     assert ckpt["epoch"] == 240 and ckpt["accuracy"] == 74.64
     assert same_outputs(theirs, model) < 1e-5
+
+
+@pytest.mark.parametrize("width", [0.5, 0.35, 0.25])
+def test_repdistiller_mobilenetv2_file_loads_with_identical_outputs(width, tmp_path):
+    theirs = randomized(RepDistillerLayoutMobileNetV2(width, num_classes=100))
+    path = tmp_path / "mobile_half.pth"
+    torch.save({"model": theirs.state_dict(), "epoch": 240, "accuracy": 64.6}, path)
+    model, ckpt = load_checkpoint(str(path))
+    assert ckpt["format"] == "repdistiller"
+    assert ckpt["arch"] == {"name": "mobilenetv2", "num_classes": 100, "width": width}
+    assert same_outputs(theirs, model) < 1e-5
+    # their f0..f4 are the stem and the ends of blocks 1, 2, 4 and 6: this model's five stages
+    _, feats = model(torch.randn(2, 3, 32, 32), features=True)
+    assert [f.shape[1] for f in feats["stages"]] == [int(c * width) for c in (32, 24, 32, 96, 320)]
+
+
+def test_mobilenetv2_exports_to_their_layout_and_back(tmp_path):
+    ours = randomized(create_model("mobilenetv2", num_classes=10, width=0.5))
+    export_repdistiller(ours, str(tmp_path / "mv2.pth"), epoch=30, accuracy=60.0)
+    theirs = RepDistillerLayoutMobileNetV2(0.5, num_classes=10)
+    theirs.load_state_dict(torch.load(tmp_path / "mv2.pth", weights_only=True)["model"])  # strict
+    assert same_outputs(theirs.eval(), ours) == 0
+    back, ckpt = load_checkpoint(str(tmp_path / "mv2.pth"), arch="mobilenetv2")
+    assert same_outputs(ours, back) == 0 and ckpt["epoch"] == 30
+
+
+def test_mobilenetv2_of_another_expansion_is_read_from_its_shapes(tmp_path):
+    ours = randomized(create_model("mobilenetv2", num_classes=10, width=0.25, expansion=4))
+    torch.save(ours.state_dict(), tmp_path / "w.pt")
+    model, ckpt = load_checkpoint(str(tmp_path / "w.pt"))
+    assert ckpt["arch"] == {"name": "mobilenetv2", "num_classes": 10, "width": 0.25, "expansion": 4}
+    assert same_outputs(ours, model) == 0
 
 
 @pytest.mark.parametrize(("cfg_key", "name"), [("A", "vgg11"), ("D", "vgg16")])
