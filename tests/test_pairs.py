@@ -1,0 +1,52 @@
+"""The pairs table: the first pair of a profile is the profile, every pair builds and meets its
+teacher's features, unknown names list the known ones, and the widths table in pairs.py's docstring
+is what ``count_flops`` measures."""
+
+import re
+
+import pytest
+import torch
+
+import pairs
+from config import PROFILES, make_config
+from model import count_flops, create_model
+from registry import UnknownNameError
+
+
+@pytest.mark.parametrize("profile", list(pairs.PAIRS))
+def test_a_profiles_first_pair_is_the_profile_itself(profile):
+    first = pairs.get_pair(profile, pairs.default_pair(profile))
+    assert first.fields() == {k: PROFILES[profile][k] for k in first.fields()}
+    assert pairs.pair_config(profile, pairs.default_pair(profile)) == make_config(profile)
+
+
+@pytest.mark.parametrize(("profile", "name"), [(p, n) for p, t in pairs.PAIRS.items() for n in t])
+def test_every_pair_builds_and_sets_only_its_networks(profile, name):
+    cfg = pairs.pair_config(profile, name, epochs=7)
+    pair = pairs.get_pair(profile, name)
+    assert (cfg.model, cfg.width) == pair.student and (cfg.teacher_model, cfg.teacher_width) == pair.teacher
+    assert cfg.epochs == 7 and cfg.lr == PROFILES[profile]["lr"]
+    teacher = create_model(cfg.teacher_model, num_classes=10, width=cfg.teacher_width)
+    student = create_model(cfg.model, num_classes=10, width=cfg.width)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        (_, ft), (_, fs) = teacher(x, features=True), student(x, features=True)
+    assert len(ft["stages"]) == len(fs["stages"]) == 5
+    # stages 2 and 3 meet at the same resolution (8, 4): a hint there needs no resampling
+    assert [f.shape[-1] for f in ft["stages"][2:4]] == [f.shape[-1] for f in fs["stages"][2:4]] == [8, 4]
+
+
+def test_the_docstrings_flops_are_measured():
+    rows = re.findall(r"^\| (\S+) \| .* \| ([\d.]+) \| [^|]+ \|$", pairs.__doc__, flags=re.M)
+    assert [r[0] for r in rows] == list(pairs.PAIRS["cpu"])
+    for name, mflops in rows:
+        model, width = pairs.PAIRS["cpu"][name].student
+        flops = count_flops(create_model(model, num_classes=10, width=width))
+        assert flops / 1e6 == pytest.approx(float(mflops), abs=0.005)
+
+
+def test_unknown_pair_or_profile_lists_the_known_ones():
+    with pytest.raises(UnknownNameError, match="known: vgg13-vgg8, vgg16-vgg11, vgg13-mv2"):
+        pairs.pair_config("cpu", "vgg19-vgg8")
+    with pytest.raises(UnknownNameError, match="profiles with pairs: cpu, paper"):
+        pairs.pairs("smoke")
