@@ -1,21 +1,23 @@
-"""Every registered distillation method on the `cpu` pair, at its released recipe: the untuned table.
+"""Every registered distillation method on a `cpu` pair, at its released recipe: the untuned table.
 
     python benchmarks/kd_table.py              # resumable; reuses finished runs; writes docs/methods_untuned.*
     python benchmarks/kd_table.py --quick      # smoke profile on generated data: checks the script (seconds)
     python benchmarks/kd_table.py --table-only # rebuild the table from the committed CSV
     python benchmarks/kd_table.py --cost       # each method's seconds per step against CE (minutes)
     python benchmarks/kd_table.py --methods ce kd at   # some methods; their rows replace theirs in the CSV
+    python benchmarks/kd_table.py --pair vgg13-mv2     # another pair of pairs.py (default: the demo's)
 
 Each method runs with its published recipe, untuned, 3 seeds (model and stream seed together, so
-every method is paired by seed with cross-entropy and KD), on the demo's teacher (VGG13 x1/4, seed
-0) and student (VGG8 x1/8, 10,000 images, 30 epochs). Values counted in epochs of the release's
-240-epoch schedule are scaled to this one (DKD's and ReviewKD's warm-up 20 → 2.5, CTKD's curriculum 10
-→ 1.25), and CRD draws the release's share of negatives (16,384 of 50,000 images → 3,277 of 10,000);
-FSP, AB and FT take their init stage as the same share of the run as the release. The teacher of
-feature methods runs under bf16 autocast (`--teacher-amp off`: fp32, faster where the CPU has no native
-bf16), the logit methods read cached logits (as the notebooks).
+every method is paired by seed with cross-entropy and KD), on a pair of ``pairs.py`` (default the
+demo's: VGG13 x1/4 teacher, seed 0, and VGG8 x1/8 student; 10,000 images, 30 epochs). Values
+counted in epochs of the release's 240-epoch schedule are scaled to this one (DKD's and ReviewKD's
+warm-up 20 → 2.5, CTKD's curriculum 10 → 1.25), and CRD draws the release's share of negatives
+(16,384 of 50,000 images → 3,277 of 10,000); FSP, AB and FT take their init stage as the same share
+of the run as the release. The teacher of feature methods runs under bf16 autocast (`--teacher-amp
+off`: fp32, faster where the CPU has no native bf16), the logit methods read cached logits (as the
+notebooks).
 
-Every run lands in ``docs/methods_untuned.csv`` (method, seed, teacher, validation and test top-1,
+Every run lands in ``docs/methods_untuned.csv`` (pair, method, seed, teacher, validation and test top-1,
 minutes had it run alone); the markdown table (validation top-1, paired differences to CE and to KD
 with 95% CIs, failed runs) and its figure are rebuilt from that file. Only validation is compared:
 nothing here is picked, and the table is labelled untuned.
@@ -37,6 +39,7 @@ from analysis import FAILED, ci95, compare_columns, minutes_alone  # noqa: E402
 from config import make_config  # noqa: E402
 from cost import measure_cost, processor  # noqa: E402
 from experiment import teacher_config  # noqa: E402
+from pairs import default_pair, get_pair, pair_config, pairs  # noqa: E402
 from registry import METHODS, loss_methods  # noqa: E402
 from runs import make_loaders, train  # noqa: E402
 from sweeps import RunsFailed, sweep  # noqa: E402
@@ -53,10 +56,14 @@ def methods() -> list[str]:
     return ["ce", *sorted(m for m in loss_methods() if "+kd" not in m and m != "fitnet_stage1")]
 
 
+DEFAULT_PAIR = default_pair("cpu")
+
+
 def base_config(args):
-    if args.quick:
-        return make_config("smoke", out_dir=args.out_dir, epochs=3, threads=1)
-    return make_config("cpu", data_dir=args.data_dir, out_dir=args.out_dir)
+    if args.quick:  # the pair's networks at the smoke profile's widths
+        (tm, _), (sm, _) = get_pair("cpu", args.pair).teacher, get_pair("cpu", args.pair).student
+        return make_config("smoke", out_dir=args.out_dir, epochs=3, threads=1, model=sm, teacher_model=tm)
+    return pair_config("cpu", args.pair, data_dir=args.data_dir, out_dir=args.out_dir)
 
 
 def scaled(cfg) -> dict:
@@ -76,12 +83,14 @@ def run(args) -> pd.DataFrame:
     online = [m for m in cfgs if m not in cached]
     parts = [_sweep(cfgs[group[0]], group, args) for group in (cached, online) if group]
     df = pd.concat(parts, ignore_index=True)
+    df.insert(0, "pair", args.pair)
     trained = [d for d in df["run_dir"] if os.path.isfile(os.path.join(d, "checkpoint.pt"))]
     df["minutes_alone"] = df["run_dir"].map(minutes_alone(trained))
     df["teacher"] = os.path.basename(next(iter(cfgs.values())).teacher)
     df["commit"] = _commit()
     df["processor"] = processor()  # runs on two kinds of processor differ in their bits: do not pair them
     keep = [
+        "pair",
         "method",
         "seed",
         "teacher",
@@ -164,7 +173,7 @@ def table(df: pd.DataFrame) -> pd.DataFrame:
 def _ran(df: pd.DataFrame) -> pd.DataFrame:
     """The runs that started; a method whose every run was refused (an error before training) is listed apart."""
     refused = df.groupby("method")["error"].apply(lambda e: e.notna().all()) if "error" in df else pd.Series()
-    return df[~df["method"].map(refused).fillna(False).astype(bool)]
+    return df[~df["method"].map(lambda m: bool(refused.get(m, False)))]
 
 
 def refused(df: pd.DataFrame) -> dict[str, str]:
@@ -175,44 +184,66 @@ def refused(df: pd.DataFrame) -> dict[str, str]:
     return {m: df[df["method"] == m]["error"].iloc[0] for m in sorted(gone)}
 
 
+def with_pair(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows written before the table had pairs belong to the demo pair."""
+    if "pair" not in df:
+        df = df.assign(pair=DEFAULT_PAIR)
+    return df.assign(pair=df["pair"].fillna(DEFAULT_PAIR))
+
+
+def tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """``table`` of each pair that has runs, in ``pairs.py``'s order."""
+    present = set(df["pair"])
+    return {p: table(df[df["pair"] == p]) for p in pairs("cpu") if p in present}
+
+
 def write(df: pd.DataFrame, prefix: str) -> None:
+    df = with_pair(df)
     df.to_csv(f"{prefix}.csv", index=False)
-    t = table(df)
+    by_pair = tables(df)
     commits = ", ".join(sorted(set(df["commit"])))
     where = ", ".join(sorted(set(df["processor"]))) if "processor" in df else "an unrecorded processor"
     lines = [
         "Untuned: every method at its released recipe, validation top-1 of the last epoch (cpu profile, "
-        f"3 seeds, teacher seed 0), from `python benchmarks/kd_table.py` at {commits}. Differences are paired "
-        "by seed; a CI that spans 0 is within noise. `minutes`: one run, had it run alone (CPU time). "
+        f"3 seeds, teacher seed 0), from `python benchmarks/kd_table.py [--pair NAME]` at {commits}. Differences "
+        "are paired by seed; a CI that spans 0 is within noise. `minutes`: one run, had it run alone (CPU time). "
         f"Processor: {where}.",
-        "",
-        markdown(t.round(2)),
     ]
-    for method, why in refused(df).items():
-        lines += ["", f"`{method}` could not run on this pair: {why}"]
-    lines += ["", f"![validation top-1 by method]({os.path.basename(prefix)}.png)"]
-    plot(t, f"{prefix}.png")
+    for name, t in by_pair.items():
+        pair = get_pair("cpu", name)
+        (tm, tw), (sm, sw) = pair.teacher, pair.student
+        lines += ["", f"### {name}: {tm} x{tw:g} teacher, {sm} x{sw:g} student", "", markdown(t.round(2))]
+        for method, why in refused(df[df["pair"] == name]).items():
+            lines += ["", f"`{method}` could not run on this pair: {why}"]
+        print(f"{name}\n{t.round(2).to_string()}")
+    lines += ["", f"![validation top-1 by method and pair]({os.path.basename(prefix)}.png)"]
+    plot(by_pair, f"{prefix}.png")
     with open(f"{prefix}.md", "w") as f:
         f.write("\n".join(lines) + "\n")
-    print(t.round(2).to_string())
 
 
-def plot(t: pd.DataFrame, path: str) -> None:
-    """Each method's mean validation top-1 with its 95% CI over seeds; CE and KD as reference lines."""
+def plot(by_pair: dict[str, pd.DataFrame], path: str) -> None:
+    """Each method's mean validation top-1 with its 95% CI over seeds, one panel per pair (methods in
+    the first pair's order); CE and KD as reference lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    t = t.sort_values("val_top1")
-    fig, ax = plt.subplots(figsize=(6, 0.28 * len(t) + 1))
-    ax.errorbar(t["val_top1"], range(len(t)), xerr=t["ci95"].fillna(0), fmt="o", color="k", capsize=2)
-    for base, style in (("ce", ":"), ("kd", "--")):
-        if base in t.index:
-            ax.axvline(t.loc[base, "val_top1"], ls=style, color="grey", label=base)
-    ax.set_yticks(range(len(t)), t.index)
-    ax.set_xlabel("validation top-1 (%), mean and 95% CI over seeds")
-    ax.legend(loc="lower right")
+    order = list(next(iter(by_pair.values())).sort_values("val_top1").index)
+    order += sorted({m for t in by_pair.values() for m in t.index} - set(order))
+    fig, axes = plt.subplots(1, len(by_pair), figsize=(4.5 * len(by_pair), 0.28 * len(order) + 1.2), sharey=True)
+    for ax, (name, t) in zip(list(getattr(axes, "flat", [axes])), by_pair.items(), strict=True):
+        t = t.reindex(order)
+        ax.errorbar(t["val_top1"], range(len(t)), xerr=t["ci95"].fillna(0), fmt="o", color="k", capsize=2)
+        for base, style in (("ce", ":"), ("kd", "--")):
+            if base in t.index and pd.notna(t.loc[base, "val_top1"]):
+                ax.axvline(t.loc[base, "val_top1"], ls=style, color="grey", label=base)
+        ax.set_title(name)
+        ax.set_xlabel("validation top-1 (%), mean and 95% CI")
+        ax.legend(loc="lower right")
+    axes_list = list(getattr(axes, "flat", [axes]))
+    axes_list[0].set_yticks(range(len(order)), order)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -248,22 +279,27 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--out-dir", default="runs")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--jobs", default="auto")
+    parser.add_argument("--pair", default=DEFAULT_PAIR, choices=list(pairs("cpu")), help="teacher-student pair")
     parser.add_argument("--methods", nargs="+", default=None, help="a subset (default: every method)")
     parser.add_argument("--prefix", default=os.path.join(DOCS, "methods_untuned"), help="CSV and markdown path")
     args = parser.parse_args(argv)
     args.jobs = args.jobs if args.jobs == "auto" else int(args.jobs)
     if args.cost:
         costs = step_costs(args)
-        costs.to_csv(f"{args.prefix}_cost.csv", index=False)
+        costs.insert(0, "pair", args.pair)
+        path = f"{args.prefix}_cost.csv"
+        if os.path.isfile(path):  # other pairs' and methods' rows are kept
+            costs = pd.concat([with_pair(pd.read_csv(path)), costs]).drop_duplicates(["pair", "method"], keep="last")
+        costs.to_csv(path, index=False)
         print(costs.round(3).to_string(index=False))
         return costs
-    done = pd.read_csv(f"{args.prefix}.csv") if os.path.isfile(f"{args.prefix}.csv") else None
+    done = with_pair(pd.read_csv(f"{args.prefix}.csv")) if os.path.isfile(f"{args.prefix}.csv") else None
     if args.table_only:
         df = done
-    else:  # the runs of this call replace their earlier rows; the other methods' rows are kept
+    else:  # the runs of this call replace their earlier rows; the other methods' and pairs' rows are kept
         df = run(args)
         if done is not None:
-            df = pd.concat([done, df]).drop_duplicates(["method", "seed", "teacher"], keep="last")
+            df = pd.concat([done, df]).drop_duplicates(["pair", "method", "seed", "teacher"], keep="last")
     write(df, args.prefix)
     return df
 
