@@ -77,18 +77,20 @@ def ensemble(num_classes: int, width: float, member: str = "vgg8", k: int = 2) -
 
 
 class Specialists(nn.Module):
-    """Students that each output a slice of an embedding, and a linear head on their concatenation.
+    """Students that each output a slice of an embedding, and a head on their concatenation.
 
     Member k is a network whose ``num_classes`` is its slice's size (its last linear layer is the
-    regressor). With ``frozen`` the members never train: no gradients, eval mode that ``train()``
-    cannot switch off; only the head learns.
+    regressor). The head is linear, or with ``head_hidden`` > 0 torchvision's VGG classifier
+    (``vgg.mlp_head``), so that it can be a ``_tv`` teacher's own head. With ``frozen`` the members
+    never train: no gradients, eval mode that ``train()`` cannot switch off; only the head learns.
     """
 
-    def __init__(self, members: Sequence[nn.Module], num_classes: int, frozen: bool = False):
+    def __init__(self, members: Sequence[nn.Module], num_classes: int, frozen: bool = False, head_hidden: int = 0):
         super().__init__()
         self.members = nn.ModuleList(members)
         self.out_dims = [m.num_classes for m in members]
-        self.head = nn.Linear(sum(self.out_dims), num_classes)
+        dim = sum(self.out_dims)
+        self.head = vgg.mlp_head(dim, head_hidden, num_classes) if head_hidden else nn.Linear(dim, num_classes)
         self.num_classes = num_classes
         self.frozen = frozen
         if frozen:
@@ -113,10 +115,15 @@ class Specialists(nn.Module):
 
 @register_group("specialists")
 def specialists(
-    num_classes: int, width: float, member: str = "vgg8", out_dims: Sequence[int] = (), frozen: bool = False
+    num_classes: int,
+    width: float,
+    member: str = "vgg8",
+    out_dims: Sequence[int] = (),
+    frozen: bool = False,
+    head_hidden: int = 0,
 ) -> Specialists:
     members = [create_model(member, num_classes=d, width=width) for d in out_dims]
-    return Specialists(members, num_classes, frozen)
+    return Specialists(members, num_classes, frozen, head_hidden)
 
 
 # ----------------------------------------------------------------------------- size and cost

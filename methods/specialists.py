@@ -117,21 +117,34 @@ def embedding_stats(teacher: nn.Module, loader) -> tuple[torch.Tensor, torch.Ten
 
 
 @torch.no_grad()
-def fold_standardization(head: nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> None:
-    """Make ``head`` read z-scored inputs u = (e − mean)/std as it read e: W·e + b = (W·diag(std))·u + (b + W·mean)."""
-    head.bias.add_(head.weight @ mean)
-    head.weight.mul_(std)
+def fold_standardization(head: nn.Module, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Make ``head`` read z-scored inputs u = (e − mean)/std as it read e: W·e + b = (W·diag(std))·u + (b + W·mean),
+    on its first linear layer (the whole head when it is linear, the first of an MLP head)."""
+    first = head if isinstance(head, nn.Linear) else head[0]
+    first.bias.add_(first.weight @ mean)
+    first.weight.mul_(std)
+
+
+def head_hidden(teacher: nn.Module, where: str) -> int:
+    """0 for a teacher with a linear head; the hidden width of a torchvision-layout (``_tv``) MLP head,
+    which the specialists' head then copies; anything else is refused."""
+    head = teacher.classifier
+    if isinstance(head, nn.Linear):
+        return 0
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)] if isinstance(head, nn.Sequential) else []
+    if len(linears) != 3:
+        raise ValueError(
+            f"specialists reuse the teacher's head on their concatenated outputs, but the teacher at {where} has a "
+            f"head that is neither linear nor torchvision's VGG classifier: {type(head).__name__}"
+        )
+    return linears[0].out_features
 
 
 def build_specialists(cfg: Config) -> Specialists:
     """``cfg.members`` specialists for the teacher's embedding (stage 1: head = the teacher's
     classifier, members trainable; stage 2, method "specialists": members frozen, from stage 1)."""
     teacher = load_teacher(cfg.teacher, cfg)
-    if not isinstance(teacher.classifier, nn.Linear):
-        raise ValueError(
-            f"specialists reuse the teacher's linear head on their concatenated outputs, but the teacher at "
-            f"{cfg.teacher} has an MLP head (torchvision layout): use a teacher with a linear head (vgg8 ... vgg19)"
-        )
+    hidden = head_hidden(teacher, cfg.teacher)
     slices = partition(teacher.embed_dim, cfg.members)
     frozen = cfg.method == "specialists"
     group = create_model(
@@ -141,6 +154,7 @@ def build_specialists(cfg: Config) -> Specialists:
         member=cfg.model,
         out_dims=[len(s) for s in slices],
         frozen=frozen,
+        **({"head_hidden": hidden} if hidden else {}),  # a linear head's arch stays as before
     )
     check_budget(group, cfg.budget, f"{cfg.members} specialists {cfg.model} x{cfg.width:g} and their head")
     if frozen:

@@ -43,6 +43,9 @@ HELP_ONLY = {
     "hub:": "downloads a released teacher (test_foreign_checkpoints.py runs hub: offline)",
     "benchmarks/sweep_speed.py": "minutes of measurements on real CIFAR-10 (test_cohorts.py checks that what it "
     "compares gives equal results; --quick runs it on generated data)",
+    "original_study.py": "CIFAR-100 and the released VGG16-BN teacher, downloaded (test_original_study.py runs "
+    "every arm on generated CIFAR-100 with the download mocked)",
+    "--profile original": "the released VGG16-BN teacher, downloaded (test_original_study.py runs it offline)",
     "benchmarks/kd_table.py": "hours of training on real CIFAR-10 (every method's smoke run is in its test file; "
     "--quick runs the script on generated data)",
 }

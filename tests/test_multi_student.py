@@ -270,3 +270,13 @@ def test_command_line_picks_the_width_from_the_budget(smoke_cfg, smoke_teacher, 
     )
     assert out["members"] == 2 and out["params"] <= budget
     assert "2 x vgg8" in capsys.readouterr().out
+
+
+def test_folded_mlp_head_reads_standardized_inputs_as_the_original_read_raw_ones():
+    torch.manual_seed(0)
+    head = ms.specialists(10, 0.0625, "vgg8", [3, 3], head_hidden=8).head.eval()  # torchvision's VGG head
+    e = torch.randn(5, 6) * 3 + 1
+    mean, std = e.mean(0), e.std(0)
+    expected = head(e)
+    ms.fold_standardization(head, mean, std)
+    assert torch.allclose(head((e - mean) / std), expected, atol=1e-5)
