@@ -6,6 +6,7 @@
     python benchmarks/kd_table.py --cost       # each method's seconds per step against CE (minutes)
     python benchmarks/kd_table.py --methods ce kd at   # some methods; their rows replace theirs in the CSV
     python benchmarks/kd_table.py --pair vgg13-mv2     # another pair of pairs.py (default: the demo's)
+    python benchmarks/kd_table.py --compare-published  # each method's published CIFAR-100 number beside ours
 
 Each method runs with its published recipe, untuned, 3 seeds (model and stream seed together, so
 every method is paired by seed with cross-entropy and KD), on a pair of ``pairs.py`` (default the
@@ -40,6 +41,7 @@ from config import make_config  # noqa: E402
 from cost import measure_cost, processor  # noqa: E402
 from experiment import teacher_config  # noqa: E402
 from pairs import default_pair, get_pair, pair_config, pairs  # noqa: E402
+from published import published_frame  # noqa: E402
 from registry import METHODS, loss_methods  # noqa: E402
 from runs import make_loaders, train  # noqa: E402
 from sweeps import RunsFailed, sweep  # noqa: E402
@@ -249,6 +251,46 @@ def plot(by_pair: dict[str, pd.DataFrame], path: str) -> None:
     plt.close(fig)
 
 
+def versus_published(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per pair with published numbers: each method's published CIFAR-100 top-1 and its difference to
+    KD beside this table's validation top-1 and paired difference to KD, and whether the two differences
+    point the same way (``within noise`` where this table's CI spans 0)."""
+    out = {}
+    for name, t in tables(with_pair(df)).items():
+        pub = published_frame(name)
+        if pub.empty or "vs kd" not in t:
+            continue
+        both = pub.join(t[["val_top1", "vs kd", "vs kd 95% CI"]], how="inner")
+        low_high = both["vs kd 95% CI"].str.split(" to ", expand=True).astype(float)
+        spans_zero = (low_high[0] <= 0) & (low_high[1] >= 0)
+        same = (both["vs kd"] > 0) == (both["published vs kd"] > 0)
+        both["direction"] = [
+            "within noise" if z else ("same" if s else "opposite") for z, s in zip(spans_zero, same, strict=True)
+        ]
+        both.loc["kd", "direction"] = "reference"
+        out[name] = both.sort_values("published", ascending=False)
+    return out
+
+
+def write_versus_published(df: pd.DataFrame, prefix: str) -> None:
+    from scipy.stats import spearmanr
+
+    lines = [
+        "Published CIFAR-100 top-1 (full-width networks, 240 epochs; `published.py` gives each source) beside "
+        "this project's untuned `cpu` table (CIFAR-10, 1/4- and 1/8-width networks, 30 epochs, validation top-1 "
+        f"of the last epoch; `{os.path.basename(prefix)}.md`). The datasets and scales differ, so only the "
+        "direction of each method's difference to KD is compared; `within noise`: our paired 95% CI spans 0. "
+        "From `python benchmarks/kd_table.py --compare-published`.",
+    ]
+    for name, both in versus_published(df).items():
+        rho = spearmanr(both["published"], both["val_top1"]).statistic
+        lines += ["", f"### {name} ({len(both)} methods; Spearman rank correlation of the two columns of "
+                  f"top-1: {rho:+.2f})", "", markdown(both.round(2))]  # fmt: skip
+    with open(f"{prefix}_vs_published.md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def markdown(t: pd.DataFrame) -> str:
     """A table as GitHub markdown (pandas' ``to_markdown`` needs a package this project does not install)."""
     frame = t.reset_index().astype(object).where(t.reset_index().notna(), "–")
@@ -279,6 +321,9 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--out-dir", default="runs")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--jobs", default="auto")
+    parser.add_argument(
+        "--compare-published", action="store_true", help="write <prefix>_vs_published.md from the CSV, train nothing"
+    )
     parser.add_argument("--pair", default=DEFAULT_PAIR, choices=list(pairs("cpu")), help="teacher-student pair")
     parser.add_argument("--methods", nargs="+", default=None, help="a subset (default: every method)")
     parser.add_argument("--prefix", default=os.path.join(DOCS, "methods_untuned"), help="CSV and markdown path")
@@ -294,6 +339,12 @@ def main(argv=None) -> pd.DataFrame:
         print(costs.round(3).to_string(index=False))
         return costs
     done = with_pair(pd.read_csv(f"{args.prefix}.csv")) if os.path.isfile(f"{args.prefix}.csv") else None
+    if args.compare_published or args.table_only:
+        if done is None:
+            raise SystemExit(f"no {args.prefix}.csv yet: run python benchmarks/kd_table.py first")
+    if args.compare_published:
+        write_versus_published(done, args.prefix)
+        return done
     if args.table_only:
         df = done
     else:  # the runs of this call replace their earlier rows; the other methods' and pairs' rows are kept

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -58,3 +60,9 @@ def test_kd_table_rebuilds_one_table_per_pair_from_its_csv(tmp_path):
     md = open(f"{prefix}.md").read()
     assert "### vgg13-vgg8: vgg13 x0.25 teacher, vgg8 x0.125 student" in md and "### vgg13-mv2" in md
     assert (tmp_path / "untuned.png").stat().st_size > 0
+    # beside the published numbers: CE's paired difference to KD (-1, -2, -3: CI -2 ± 2.48) spans 0
+    versus = kd_table.versus_published(written)["vgg13-vgg8"]
+    assert versus.loc["ce", "published"] == 70.36 and versus.loc["ce", "published vs kd"] == pytest.approx(-2.62)
+    assert versus.loc["ce", "direction"] == "within noise" and versus.loc["kd", "direction"] == "reference"
+    kd_table.main(["--compare-published", "--prefix", prefix])
+    assert "### vgg13-mv2 (2 methods" in open(f"{prefix}_vs_published.md").read()
