@@ -332,7 +332,7 @@ def sweep(
             failed.append(f"{run_name(run_cfg)}: {res['error']}")
             rows.append({**row, "run_dir": run_dir_for(run_cfg), "error": res["error"]})
             continue
-        rows.append({**row, "run_dir": res["run_dir"], **_sweep_metrics(res["history"])})
+        rows.append({**row, "run_dir": res["run_dir"], **run_metrics(res["history"])})
     df = pd.DataFrame(rows)
     if prune is not None:
         df.attrs["prune"] = {"rungs": prune.epochs(cfg.epochs), "margin": prune.margin}
@@ -347,7 +347,7 @@ def sweep(
     return mark_best(df, list(grid), best_by)
 
 
-def _sweep_metrics(history: pd.DataFrame) -> dict:
+def run_metrics(history: pd.DataFrame) -> dict:
     s = summarize(history)
     last = history.iloc[-1]
     return {

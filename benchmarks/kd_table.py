@@ -7,6 +7,7 @@
     python benchmarks/kd_table.py --methods ce kd at   # some methods; their rows replace theirs in the CSV
     python benchmarks/kd_table.py --pair vgg13-mv2     # another pair of pairs.py (default: the demo's)
     python benchmarks/kd_table.py --compare-published  # each method's published CIFAR-100 number beside ours
+    python benchmarks/kd_table.py --tune               # tuned on validation, picks at 5 seeds: docs/methods_tuned.*
 
 Each method runs with its published recipe, untuned, 3 seeds (model and stream seed together, so
 every method is paired by seed with cross-entropy and KD), on a pair of ``pairs.py`` (default the
@@ -45,6 +46,7 @@ from published import published_frame  # noqa: E402
 from registry import METHODS, loss_methods  # noqa: E402
 from runs import make_loaders, train  # noqa: E402
 from sweeps import RunsFailed, sweep  # noqa: E402
+from tuning import FACTORS, MAX_EXTENSIONS, confirm, tune  # noqa: E402
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
 RELEASE_EPOCHS = 240  # the CIFAR-100 schedule the recipes' epoch counts belong to
@@ -291,6 +293,90 @@ def write_versus_published(df: pd.DataFrame, prefix: str) -> None:
     print("\n".join(lines))
 
 
+# ----------------------------------------------------------------------------- --tune: picked on validation
+
+
+def tuned_runs(args) -> pd.DataFrame:
+    """Every method but CE tuned on validation (``tuning.tune``: its strength x 1/3, 1, 3 at 3 seeds, edges
+    extended), then each pick, CE and KD's pick at 5 seeds (``tuning.confirm``); one row per run."""
+    bases = configs(args)
+    tunable = {m: c for m, c in bases.items() if m != "ce"}
+    tunings = tune(tunable, seeds=range(args.seeds), jobs=args.jobs)
+    grid = pd.DataFrame([r for t in tunings.values() for r in t.rows]).assign(stage="grid")
+    confirmed = confirm(bases, tunings, seeds=range(args.confirm_seeds), jobs=args.jobs).assign(stage="confirm")
+    df = pd.concat([grid, confirmed], ignore_index=True)
+    picks = {t.method: t.pick for t in tunings.values()}
+    edges = {t.method: t.edge() is not None for t in tunings.values()}
+    df["picked"] = [v == picks.get(m) for m, v in zip(df["method"], df["value"], strict=True)]
+    df["pick_on_edge"] = df["method"].map(edges)
+    trained = [d for d in df["run_dir"].dropna() if os.path.isfile(os.path.join(d, "checkpoint.pt"))]
+    df["minutes_alone"] = df["run_dir"].map(minutes_alone(trained))
+    df.insert(0, "pair", args.pair)
+    df["teacher"] = os.path.basename(next(iter(bases.values())).teacher)
+    df["commit"], df["processor"] = _commit(), processor()
+    keep = ["pair", "method", "param", "value", "seed", "stage", "picked", "pick_on_edge", "teacher", "val_top1",
+            "test_top1", "minutes_alone", FAILED, "error", "commit", "processor"]  # fmt: skip
+    return df[[c for c in keep if c in df]]
+
+
+def tuned_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per method: the pick and its budget, validation at the pick (grid seeds), test of the pick at
+    the confirmation seeds with its 95% CI, and paired test differences to CE and to KD (KD at its pick)."""
+    conf = df[(df["stage"] == "confirm") & df["test_top1"].notna()]
+    conf = conf[conf[FAILED].isna()] if FAILED in conf else conf
+    rows = []
+    for method, runs in df.groupby("method", sort=False):
+        grid = runs[runs["stage"] == "grid"]
+        picked = conf[conf["method"] == method]
+        pick_grid = grid[grid["picked"].astype(bool)]
+        rows.append(
+            {
+                "method": method,
+                "param": runs["param"].iloc[0] or "–",
+                "pick": picked["value"].iloc[0] if len(picked) and runs["param"].iloc[0] else float("nan"),
+                "cells": grid["value"].nunique(),
+                "runs": len(runs.drop_duplicates(["value", "seed"])),
+                "edge": bool(runs["pick_on_edge"].iloc[0]) if runs["param"].iloc[0] else False,
+                "val_top1": pick_grid["val_top1"].mean(),
+                "test_top1": picked["test_top1"].mean(),
+                "ci95": ci95(picked["test_top1"]) if len(picked) > 1 else float("nan"),
+                "minutes": runs.drop_duplicates(["value", "seed"])["minutes_alone"].sum(),
+            }
+        )
+    out = pd.DataFrame(rows).set_index("method")
+    for base in ("ce", "kd"):
+        if base in set(conf["method"]):
+            d = compare_columns(conf, by="method", baseline=base, columns=["test_top1"]).xs("test_top1", level=1)
+            out[f"vs {base}"] = d["diff"]
+            out[f"vs {base} 95% CI"] = d["ci_low"].map("{:+.2f}".format) + " to " + d["ci_high"].map("{:+.2f}".format)
+    return out.sort_values("test_top1", ascending=False)
+
+
+def write_tuned(df: pd.DataFrame, prefix: str) -> None:
+    df = with_pair(df)
+    df.to_csv(f"{prefix}.csv", index=False)
+    commits = ", ".join(sorted(set(df["commit"])))
+    per_cell = df[df["stage"] == "grid"].groupby(["pair", "method", "value"])["seed"].nunique().max()
+    per_pick = df[df["stage"] == "confirm"].groupby(["pair", "method"])["seed"].nunique().max()
+    factors = ", ".join(f"{f:.3g}" for f in FACTORS)
+    header = (
+        f"Tuned on validation: each method's strength (`param`) at its recipe x {factors}, {per_cell} seeds a "
+        f"cell; a pick on the edge extended by x3 (at most {MAX_EXTENSIONS} times; `edge`: still on it); the "
+        f"pick, CE and KD's pick then at {per_pick} seeds, whose last-epoch test top-1 is reported with paired "
+        "differences (95% CI; a CI that spans 0 is within noise). `runs`: the method's tuning budget; "
+        "`minutes`: their training time had each run alone. From "
+        f"`python benchmarks/kd_table.py --tune [--pair NAME]` at {commits}."
+    )
+    lines = [header]
+    for name in [p for p in pairs("cpu") if p in set(df["pair"])]:
+        (tm, tw), (sm, sw) = get_pair("cpu", name).teacher, get_pair("cpu", name).student
+        lines += ["", f"### {name}: {tm} x{tw:g} teacher, {sm} x{sw:g} student", ""]
+        lines.append(markdown(tuned_table(df[df["pair"] == name]).round(2)))
+    with open(f"{prefix}.md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def markdown(t: pd.DataFrame) -> str:
     """A table as GitHub markdown (pandas' ``to_markdown`` needs a package this project does not install)."""
     frame = t.reset_index().astype(object).where(t.reset_index().notna(), "–")
@@ -319,7 +405,9 @@ def main(argv=None) -> pd.DataFrame:
     )
     parser.add_argument("--data-dir", default="./data")
     parser.add_argument("--out-dir", default="runs")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per run (with --tune: per grid cell)")
+    parser.add_argument("--tune", action="store_true", help="tune each method on validation, confirm at more seeds")
+    parser.add_argument("--confirm-seeds", type=int, default=5, help="with --tune: seeds of each pick")
     parser.add_argument("--jobs", default="auto")
     parser.add_argument(
         "--compare-published", action="store_true", help="write <prefix>_vs_published.md from the CSV, train nothing"
@@ -329,6 +417,16 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--prefix", default=os.path.join(DOCS, "methods_untuned"), help="CSV and markdown path")
     args = parser.parse_args(argv)
     args.jobs = args.jobs if args.jobs == "auto" else int(args.jobs)
+    if args.tune:
+        path = (
+            args.prefix.replace("methods_untuned", "methods_tuned") if args.prefix.endswith("untuned") else args.prefix
+        )
+        done = with_pair(pd.read_csv(f"{path}.csv")) if os.path.isfile(f"{path}.csv") else None
+        df = tuned_runs(args)
+        if done is not None:  # this pair's rows are replaced, the other pairs' kept
+            df = pd.concat([done[done["pair"] != args.pair], df], ignore_index=True)
+        write_tuned(df, path)
+        return df
     if args.cost:
         costs = step_costs(args)
         costs.insert(0, "pair", args.pair)

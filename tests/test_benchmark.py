@@ -66,3 +66,24 @@ def test_kd_table_rebuilds_one_table_per_pair_from_its_csv(tmp_path):
     assert versus.loc["ce", "direction"] == "within noise" and versus.loc["kd", "direction"] == "reference"
     kd_table.main(["--compare-published", "--prefix", prefix])
     assert "### vgg13-mv2 (2 methods" in open(f"{prefix}_vs_published.md").read()
+
+
+def test_kd_table_tuned_summary_by_hand():
+    """Budget = distinct runs (confirmation seeds that repeat a grid cell count once); test of the pick at the
+    confirmation seeds, paired with CE by seed: at − ce = +1, +2, +3."""
+    import pandas as pd
+
+    rows = [dict(method="ce", param="", value=0.0, seed=s, stage="confirm", test=60.0 + s) for s in range(3)]
+    for v in (1.0, 3.0):
+        rows += [dict(method="at", param="feat_weight", value=v, seed=s, stage="grid", test=50.0 + v) for s in (0, 1)]
+    rows += [dict(method="at", param="feat_weight", value=3.0, seed=s, stage="confirm", test=61.0 + 2 * s)
+             for s in range(3)]  # fmt: skip
+    df = pd.DataFrame(rows).rename(columns={"test": "test_top1"})
+    df["val_top1"], df["minutes_alone"] = df["test_top1"], 1.0
+    df["picked"] = (df["method"] == "at") & (df["value"] == 3.0)
+    df["pick_on_edge"] = df["method"] == "at"
+    t = _kd_table().tuned_table(df)
+    assert t.loc["at", "pick"] == 3.0 and t.loc["at", "cells"] == 2 and t.loc["at", "runs"] == 5
+    assert t.loc["at", "minutes"] == 5.0 and bool(t.loc["at", "edge"])
+    assert t.loc["at", "val_top1"] == 53.0 and t.loc["at", "test_top1"] == 63.0
+    assert t.loc["at", "vs ce"] == 2.0 and t.loc["ce", "runs"] == 3 and t.loc["ce", "param"] == "–"

@@ -1,0 +1,80 @@
+"""Tuning around the recipe: which parameter, the grid, the pick on validation, the edge extension,
+failed cells never picked, the confirmation at more seeds. Runs are faked (their validation top-1 a
+function of the tuned value), so the rules are checked without training."""
+
+import pandas as pd
+import pytest
+
+import tuning
+from analysis import FAILED
+from config import make_config
+
+
+@pytest.mark.parametrize(
+    ("method", "key", "recipe"),
+    [("dkd", "nckd_weight", 6.0), ("at", "feat_weight", 1000.0), ("kd", "kd_weight", 0.9),
+     ("dist", "inter_weight", 2.0), ("fsp", "init_fraction", 30 / 270), ("ab", "init_fraction", 30 / 270)],
+)  # fmt: skip
+def test_the_tuned_parameter_is_the_methods_strength(method, key, recipe):
+    cfg = make_config("smoke", method=method, epochs=30)
+    assert tuning.strength(cfg) == key and tuning.recipe_value(cfg, key) == pytest.approx(recipe)
+    with pytest.raises(ValueError, match="nothing to tune"):
+        tuning.strength(make_config("smoke", method="ce"))
+
+
+class FakeRuns:
+    """run_many replaced: a run's validation top-1 is ``score(method, value, seed)``; every config kept."""
+
+    def __init__(self):
+        self.configs = []
+        self.score = lambda method, value, seed: 70.0
+
+    def run_many(self, configs, jobs="auto", desc=""):
+        self.configs.extend(configs)
+        return [{"run_dir": f"runs/{c.method}-{i}", "history": c} for i, c in enumerate(configs)]
+
+    def metrics(self, cfg):
+        if cfg.method == "ce":
+            return {"val_top1": self.score("ce", 0.0, cfg.seed)}
+        key = tuning.strength(cfg)
+        value = cfg.params.get(key, tuning.recipe_value(cfg, key))
+        return {"val_top1": self.score(cfg.method, value, cfg.seed)}
+
+
+@pytest.fixture
+def fake_runs(monkeypatch):
+    fake = FakeRuns()
+    monkeypatch.setattr(tuning, "run_many", fake.run_many)
+    monkeypatch.setattr(tuning, "run_metrics", fake.metrics)
+    return fake
+
+
+def test_an_edge_pick_is_extended_until_inside_or_twice(fake_runs):
+    # at: the larger its weight the better (never inside: two extensions); dkd: best at recipe/3 (one extension)
+    best = {"at": 1e9, "dkd": 2.0}
+    fake_runs.score = lambda method, value, seed: 70 - abs(value - best[method]) / best[method] + 0.01 * seed
+    bases = {m: make_config("smoke", method=m, epochs=30) for m in ("at", "dkd")}
+    t = tuning.tune(bases, seeds=range(3), jobs=1)
+    assert t["at"].values == pytest.approx([1000 / 3, 1000, 3000, 9000, 27000]) and t["at"].extensions == 2
+    assert t["at"].pick == pytest.approx(27000) and t["at"].edge() is not None  # still on the edge: it says so
+    assert t["dkd"].values == pytest.approx([2, 6, 18, 2 / 3]) and t["dkd"].pick == pytest.approx(2)
+    assert t["dkd"].edge() is None
+    assert len(fake_runs.configs) == 3 * (5 + 4)  # 3 seeds per cell
+    recipe_cells = [c for c in fake_runs.configs if c.method == "dkd" and "nckd_weight" not in c.params]
+    assert len(recipe_cells) == 3  # the recipe's own cell is the untuned run: its value left unset
+
+
+def test_a_cell_with_a_failed_run_is_never_picked():
+    t = tuning.Tuning("at", "feat_weight", 1000.0, [1000 / 3, 1000.0, 3000.0])
+    t.rows = [{"value": v, "seed": s, "val_top1": 80.0 if v == 3000.0 else 60.0} for v in t.values for s in range(3)]
+    t.rows[-1][FAILED] = "at chance after 3 epochs"  # the best cell has a failed run
+    means = t.cell_means()
+    assert list(means.index) == pytest.approx([1000 / 3, 1000.0]) and isinstance(means, pd.Series)
+
+
+def test_confirm_runs_each_pick_and_the_untuned_baselines_at_every_seed(fake_runs):
+    bases = {"ce": make_config("smoke", method="ce"), "at": make_config("smoke", method="at")}
+    picked = {"at": tuning.Tuning("at", "feat_weight", 1000.0, [1000.0], pick=3000.0)}
+    df = tuning.confirm(bases, picked, seeds=range(5), jobs=1)
+    assert sorted(df.groupby("method")["seed"].apply(list).items()) == [("at", list(range(5))), ("ce", list(range(5)))]
+    assert all(c.params.get("feat_weight") == 3000.0 for c in fake_runs.configs if c.method == "at")

@@ -1,0 +1,133 @@
+"""A method tuned on validation around its released recipe: the grid, the pick, the edge extension.
+
+    key = strength("dkd")                         # "nckd_weight": the one parameter that is tuned
+    picks = tune({"dkd": cfg_dkd, "at": cfg_at})  # every grid of every method in one batch of runs
+
+The tuned parameter is the method's distillation strength: the first of ``STRENGTHS`` whose recipe
+value is set and non-zero (DKD's β, a feature method's weight, a logit method's KD weight, DIST's
+inter-class weight; FSP and AB, whose loss after their init stage is CE alone, tune the share of the
+run their init stage takes). Its grid is the recipe value times ``FACTORS`` (1/3, 1, 3), ``seeds``
+runs per cell. The pick is the cell with the highest mean validation top-1 among the cells none of
+whose runs failed. A pick at the edge of the values tried adds the next cell past it (×3 or ×1/3)
+and picks again, up to ``MAX_EXTENSIONS`` times: a pick on the edge is extended before it counts.
+Every batch is one ``run_many`` call, so runs that share a teacher and a data stream train together
+(cohorts) across methods and cells.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import pandas as pd
+
+from analysis import FAILED
+from config import Config
+from registry import resolve_recipe
+from sweeps import run_many, run_metrics
+
+FACTORS = (1 / 3, 1.0, 3.0)
+STEP = 3.0
+MAX_EXTENSIONS = 2
+STRENGTHS = ("nckd_weight", "feat_weight", "kd_weight", "inter_weight", "init_fraction")
+
+
+def strength(cfg: Config) -> str:
+    """The parameter tuned for ``cfg.method``: the first of ``STRENGTHS`` its recipe sets above 0."""
+    recipe = resolve_recipe(cfg)
+    for key in STRENGTHS:
+        value = recipe.params.get(key)
+        if value:
+            return key
+    raise ValueError(f"{cfg.method} has none of {', '.join(STRENGTHS)} set above 0 in its recipe: nothing to tune")
+
+
+def recipe_value(cfg: Config, key: str) -> float:
+    return float(resolve_recipe(cfg).params[key])
+
+
+@dataclass
+class Tuning:
+    """One method's tuning: the parameter, the values tried, every run's row, the pick."""
+
+    method: str
+    key: str
+    recipe: float
+    values: list[float]
+    rows: list[dict] = field(default_factory=list)
+    pick: float | None = None
+    extensions: int = 0
+
+    def cell_means(self) -> pd.Series:
+        """Mean validation top-1 per value over its runs; cells with a failed run are left out."""
+        df = pd.DataFrame(self.rows)
+        bad = set(df.loc[df[FAILED].notna(), "value"]) if FAILED in df else set()
+        bad |= set(df.loc[df["val_top1"].isna(), "value"])
+        ok = df[~df["value"].isin(bad)]
+        return ok.groupby("value")["val_top1"].mean()
+
+    def edge(self) -> float | None:
+        """The value one step past the pick when it is the smallest or largest tried, else None."""
+        if self.pick is None:
+            return None
+        if self.pick == max(self.values):
+            return self.pick * STEP
+        if self.pick == min(self.values):
+            return self.pick / STEP
+        return None
+
+
+def _config(base: Config, t: Tuning, value: float, seed: int) -> Config:
+    # the recipe's own value stays unset, so that cell is the untuned run's folder
+    extra = {} if not t.key or value == t.recipe else {t.key: value}
+    return replace(base, seed=seed, data_seed=seed, **extra)
+
+
+def _run(batch: list[tuple[Tuning, float, int, Config]], jobs) -> None:
+    """Train a batch of (tuning, value, seed, config) in one ``run_many`` call; a row per run into its tuning."""
+    results = run_many([c for *_, c in batch], jobs=jobs, desc="tuning")
+    for (t, value, seed, _), res in zip(batch, results, strict=True):
+        row = {"method": t.method, "param": t.key, "value": value, "seed": seed, "run_dir": res.get("run_dir")}
+        if "history" in res:
+            row |= run_metrics(res["history"])
+        else:
+            row |= {"val_top1": float("nan"), "error": res["error"]}
+        t.rows.append(row)
+
+
+def tune(bases: dict[str, Config], seeds=range(3), jobs: int | str = "auto") -> dict[str, Tuning]:
+    """Every method of ``bases`` (name -> its base config) tuned on validation; see the module docstring."""
+    tunings = {}
+    for name, base in bases.items():
+        key = strength(base)
+        recipe = recipe_value(base, key)
+        tunings[name] = Tuning(base.method, key, recipe, [recipe * f for f in FACTORS])
+    _run([(t, v, s, _config(bases[n], t, v, s)) for n, t in tunings.items() for v in t.values for s in seeds], jobs)
+    for _ in range(MAX_EXTENSIONS + 1):
+        batch = []
+        for name, t in tunings.items():
+            means = t.cell_means()
+            t.pick = float(means.idxmax()) if len(means) else None
+            nxt = t.edge()
+            if nxt is not None and t.extensions < MAX_EXTENSIONS:
+                t.values.append(nxt)
+                t.extensions += 1
+                batch += [(t, nxt, s, _config(bases[name], t, nxt, s)) for s in seeds]
+        if not batch:
+            break
+        _run(batch, jobs)
+    return tunings
+
+
+def confirm(bases: dict[str, Config], tunings: dict[str, Tuning], seeds=range(5), jobs="auto") -> pd.DataFrame:
+    """Each picked setting (and every base without a tuning, e.g. CE) at ``seeds``; one row per run."""
+    batch = []
+    for name, base in bases.items():
+        if name not in tunings:  # nothing tuned: the base config itself
+            tunings[name] = Tuning(base.method, "", 0.0, [0.0], pick=0.0)
+        t = tunings[name]
+        if t.pick is not None:  # None: every cell failed, nothing to confirm
+            batch += [(t, t.pick, s, _config(base, t, t.pick, s)) for s in seeds]
+    kept = {id(t): len(t.rows) for t in tunings.values()}
+    _run(batch, jobs)
+    rows = [r for t in tunings.values() for r in t.rows[kept[id(t)] :]]
+    return pd.DataFrame(rows)
