@@ -44,7 +44,7 @@ from experiment import teacher_config  # noqa: E402
 from pairs import default_pair, get_pair, pair_config, pairs  # noqa: E402
 from published import published_frame  # noqa: E402
 from registry import METHODS, loss_methods  # noqa: E402
-from runs import make_loaders, train  # noqa: E402
+from runs import make_loaders, run_lock, train  # noqa: E402
 from sweeps import RunsFailed, sweep  # noqa: E402
 from tuning import FACTORS, MAX_EXTENSIONS, confirm, tune  # noqa: E402
 
@@ -186,6 +186,19 @@ def refused(df: pd.DataFrame) -> dict[str, str]:
         return {}
     gone = set(df["method"]) - set(_ran(df)["method"])
     return {m: df[df["method"] == m]["error"].iloc[0] for m in sorted(gone)}
+
+
+def merged(path: str, df: pd.DataFrame, keys: list[str], keep_other=None) -> pd.DataFrame:
+    """``df``'s rows replace theirs (same ``keys``) in the CSV at ``path``, read now, under a lock, so that
+    several benchmark processes (method groups run side by side) each add their rows and none is lost.
+    ``keep_other`` filters the old rows kept (default: all but the replaced ones)."""
+    with run_lock(os.path.dirname(os.path.abspath(path))):
+        if os.path.isfile(path):
+            old = with_pair(pd.read_csv(path))
+            old = old if keep_other is None else old[keep_other(old)]
+            df = pd.concat([old, df], ignore_index=True).drop_duplicates(keys, keep="last")
+        df.to_csv(path, index=False)
+    return df
 
 
 def with_pair(df: pd.DataFrame) -> pd.DataFrame:
@@ -421,19 +434,14 @@ def main(argv=None) -> pd.DataFrame:
         path = (
             args.prefix.replace("methods_untuned", "methods_tuned") if args.prefix.endswith("untuned") else args.prefix
         )
-        done = with_pair(pd.read_csv(f"{path}.csv")) if os.path.isfile(f"{path}.csv") else None
-        df = tuned_runs(args)
-        if done is not None:  # this pair's rows are replaced, the other pairs' kept
-            df = pd.concat([done[done["pair"] != args.pair], df], ignore_index=True)
+        keys = ["pair", "method", "value", "seed", "stage"]
+        df = merged(f"{path}.csv", tuned_runs(args), keys, keep_other=lambda old: old["pair"] != args.pair)
         write_tuned(df, path)
         return df
     if args.cost:
         costs = step_costs(args)
         costs.insert(0, "pair", args.pair)
-        path = f"{args.prefix}_cost.csv"
-        if os.path.isfile(path):  # other pairs' and methods' rows are kept
-            costs = pd.concat([with_pair(pd.read_csv(path)), costs]).drop_duplicates(["pair", "method"], keep="last")
-        costs.to_csv(path, index=False)
+        costs = merged(f"{args.prefix}_cost.csv", costs, ["pair", "method"])  # other rows kept
         print(costs.round(3).to_string(index=False))
         return costs
     done = with_pair(pd.read_csv(f"{args.prefix}.csv")) if os.path.isfile(f"{args.prefix}.csv") else None
@@ -446,9 +454,7 @@ def main(argv=None) -> pd.DataFrame:
     if args.table_only:
         df = done
     else:  # the runs of this call replace their earlier rows; the other methods' and pairs' rows are kept
-        df = run(args)
-        if done is not None:
-            df = pd.concat([done, df]).drop_duplicates(["pair", "method", "seed", "teacher"], keep="last")
+        df = merged(f"{args.prefix}.csv", run(args), ["pair", "method", "seed", "teacher"])
     write(df, args.prefix)
     return df
 

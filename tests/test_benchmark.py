@@ -87,3 +87,16 @@ def test_kd_table_tuned_summary_by_hand():
     assert t.loc["at", "minutes"] == 5.0 and bool(t.loc["at", "edge"])
     assert t.loc["at", "val_top1"] == 53.0 and t.loc["at", "test_top1"] == 63.0
     assert t.loc["at", "vs ce"] == 2.0 and t.loc["ce", "runs"] == 3 and t.loc["ce", "param"] == "–"
+
+
+def test_kd_table_rows_of_processes_run_side_by_side_are_merged_not_overwritten(tmp_path):
+    import pandas as pd
+
+    kd_table, path = _kd_table(), str(tmp_path / "t.csv")
+    keys = ["pair", "method", "seed", "teacher"]
+    row = dict(pair="vgg13-vgg8", seed=0, teacher="t", val_top1=1.0)
+    kd_table.merged(path, pd.DataFrame([dict(row, method="at")]), keys)
+    kd_table.merged(path, pd.DataFrame([dict(row, method="nst")]), keys)  # another group's process, later
+    kd_table.merged(path, pd.DataFrame([dict(row, method="at", val_top1=2.0)]), keys)  # at again: replaced
+    df = pd.read_csv(path).set_index("method")
+    assert sorted(df.index) == ["at", "nst"] and df.loc["at", "val_top1"] == 2.0
