@@ -223,7 +223,8 @@ def write(df: pd.DataFrame, prefix: str) -> None:
     lines = [
         "Untuned: every method at its released recipe, validation top-1 of the last epoch (cpu profile, "
         f"3 seeds, teacher seed 0), from `python benchmarks/kd_table.py [--pair NAME]` at {commits}. Differences "
-        "are paired by seed; a CI that spans 0 is within noise. `minutes`: one run, had it run alone (CPU time). "
+        "are paired by seed; a CI that spans 0 is within noise. Logit methods read the teacher's cached logits, "
+        "the others run it online under bf16 autocast. `minutes`: one run, had it run alone (CPU time). "
         f"Processor: {where}.",
     ]
     for name, t in by_pair.items():
