@@ -24,7 +24,9 @@ def test_the_profile_is_the_studys_configuration():
 @pytest.fixture
 def mocked_hub(tmp_path, monkeypatch):
     """A fresh hub cache whose download writes a random vgg16_tv; returns the calls it saw."""
+    # a hub folder of its own: never the user's cache (another test may have set torch's hub dir already)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "torch" / "hub"))
     torch.manual_seed(0)
     teacher = create_model("vgg16_tv", num_classes=100, width=0.0625)
     calls = []
