@@ -6,7 +6,9 @@ numbers; nothing imports the training code, so results can be analysed without t
 
     summarize(history)               last epoch, and the epoch picked on validation, of one run
     mean_std_table({"kd": runs})     one row per group: n, mean ± 95% CI half-width, std
-    compare(kd_runs, ce_runs)        paired by seed: mean difference, 95% CI, p (paired t-test)
+    compare(kd_runs, ce_runs)        paired by seed: mean difference, 95% CI, p (paired t-test);
+                                     .verdict(bound): higher / lower / equivalent (TOST) / within noise
+    compare_nested({t: kd}, {t: ce}) students nested in teachers: per teacher, and pooled over them
     cell_table(sweep_df, ["T"])      a sweep's cells: mean and 95% CI per cell, the pick flagged
     minutes_alone(run_dirs)          each run's training minutes had it run alone (the cost of a notebook)
     output_stats, reliability_bins, logit_relation, logit_conflicts, top1_agreement, per_sample_kl,
@@ -198,6 +200,29 @@ class Paired:
         """True when the 95% CI includes zero (or cannot be computed)."""
         return not (self.ci_low > 0 or self.ci_high < 0)
 
+    def ci(self, level: float = 0.95) -> tuple[float, float]:
+        """The mean difference's CI at ``level``, from the same t distribution as the 95% one."""
+        if self.n < 2:
+            return math.nan, math.nan
+        q = stats.t.ppf(0.5 + level / 2, self.n - 1)
+        half = (self.ci_high - self.ci_low) / 2 * q / stats.t.ppf(0.975, self.n - 1)
+        return self.diff - half, self.diff + half
+
+    def equivalent(self, bound: float) -> bool:
+        """Two one-sided t-tests at 5% (TOST; Schuirmann 1987): the difference lies within ±``bound``,
+        i.e. the 90% CI lies inside (-bound, bound). The bound must be stated before the runs."""
+        lo, hi = self.ci(0.90)
+        return -bound < lo and hi < bound
+
+    def verdict(self, bound: float | None = None, words: tuple[str, str] = ("higher", "lower")) -> str:
+        """``words[0]``/``words[1]`` when the 95% CI excludes 0; else "equivalent (±bound)" when TOST
+        shows it, else "within noise" (no difference detected, none ruled out)."""
+        if not self.within_noise:
+            return words[0] if self.diff > 0 else words[1]
+        if bound is not None and self.equivalent(bound):
+            return f"equivalent (±{bound:g})"
+        return "within noise"
+
     def __str__(self) -> str:
         ci = f"95% CI {self.ci_low:+.2f} to {self.ci_high:+.2f}, p = {self.p:.3g}, n = {self.n}"
         if self.failed:
@@ -288,9 +313,12 @@ def cell_table(df: pd.DataFrame, keys: Sequence[str], columns=("val_top1", "test
     return table
 
 
-def compare_columns(df: pd.DataFrame, by: str, baseline: str, columns: Sequence[str]) -> pd.DataFrame:
+def compare_columns(
+    df: pd.DataFrame, by: str, baseline: str, columns: Sequence[str], bound: float | None = None
+) -> pd.DataFrame:
     """Per-seed measurements (one row per ``by`` group and ``seed``) compared with the ``baseline``
-    group, paired by seed: one row per (group, column) with n, the mean difference, its 95% CI and p."""
+    group, paired by seed: one row per (group, column) with n, the mean difference, its 95% CI, p
+    and ``Paired.verdict(bound)``."""
 
     def values(group, col):
         rows = df[df[by] == group]
@@ -303,13 +331,15 @@ def compare_columns(df: pd.DataFrame, by: str, baseline: str, columns: Sequence[
         for col in columns:
             c = compare(values(group, col), values(baseline, col))
             out[(group, col)] = {"n": c.n, "diff": c.diff, "ci_low": c.ci_low, "ci_high": c.ci_high, "p": c.p}
-            out[(group, col)]["verdict"] = "within noise" if c.within_noise else ("higher" if c.diff > 0 else "lower")
+            out[(group, col)]["verdict"] = c.verdict(bound)
     return pd.DataFrame.from_dict(out, orient="index")
 
 
-def compare_table(groups: Mapping[str, Sequence], baseline: str, metric: str = "last_top1") -> pd.DataFrame:
-    """Each group against ``baseline``, paired by seed: one row of ``compare`` per group (where a run
-    failed, column ``failed_seeds`` names the seeds left out of its row)."""
+def compare_table(
+    groups: Mapping[str, Sequence], baseline: str, metric: str = "last_top1", bound: float | None = None
+) -> pd.DataFrame:
+    """Each group against ``baseline``, paired by seed: one row of ``compare`` per group, its verdict
+    ``Paired.verdict(bound)`` (where a run failed, column ``failed_seeds`` names the seeds left out)."""
     rows = {}
     for name, runs in groups.items():
         if name == baseline:
@@ -321,13 +351,49 @@ def compare_table(groups: Mapping[str, Sequence], baseline: str, metric: str = "
             "ci_low": c.ci_low,
             "ci_high": c.ci_high,
             "p": c.p,
-            "verdict": "within noise" if c.within_noise else ("better" if c.diff > 0 else "worse"),
+            "verdict": c.verdict(bound, words=("better", "worse")),
             "failed_seeds": ", ".join(map(str, c.failed)),
         }
     table = pd.DataFrame.from_dict(rows, orient="index")
     if not any(r["failed_seeds"] for r in rows.values()):
         table = table.drop(columns="failed_seeds", errors="ignore")
     return table
+
+
+def compare_nested(
+    a: Mapping[str, Sequence], b: Mapping[str, Sequence], metric: str = "last_top1", bound: float | None = None
+) -> pd.DataFrame:
+    """``a - b`` with students nested in teachers: ``a``/``b`` map a teacher to its students' runs
+    (anything ``compare`` takes). One row per teacher (paired by student seed), then a "pooled" row.
+
+    Pooled is the two-stage estimate for a balanced nested design: the mean over teachers of the
+    per-teacher mean differences d_t, with a t CI over teachers, mean(d) ± t_{T-1} sd(d) / sqrt(T).
+    Its variance holds the teacher-to-teacher spread as well as the students', so with two teachers
+    the CI is wide (t_1 = 12.7): that width is what one more teacher buys down. ``same_verdict``
+    says whether every teacher's own verdict agrees."""
+    if set(a) != set(b):
+        raise ValueError(f"a has teachers {sorted(a)}, b has {sorted(b)}: both sides need the same teachers")
+    per = {t: compare(a[t], b[t], metric) for t in a}
+    rows = {t: _paired_row(c, bound) for t, c in per.items()}
+    pooled = compare([c.diff for c in per.values()], [0.0] * len(per))
+    means = {k: float(np.mean([getattr(c, k) for c in per.values()])) for k in ("mean_a", "mean_b")}
+    rows["pooled"] = _paired_row(pooled, bound) | means
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table["same_verdict"] = len({rows[t]["verdict"] for t in per}) == 1
+    return table
+
+
+def _paired_row(c: Paired, bound: float | None) -> dict:
+    return {
+        "n": c.n,
+        "mean_a": c.mean_a,
+        "mean_b": c.mean_b,
+        "diff": c.diff,
+        "ci_low": c.ci_low,
+        "ci_high": c.ci_high,
+        "p": c.p,
+        "verdict": c.verdict(bound),
+    }
 
 
 def plot_seeds(ax, results: Sequence, column: str, label: str | None = None, **style):

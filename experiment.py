@@ -1,6 +1,7 @@
 """Experiments as the notebooks and the demo start them: the profile's teacher, seeds and figures.
 
 exp = setup_experiment("Logit_Matching", profile="cpu")   # config, seeds, trained teacher, figure folder
+exp = setup_experiment("Logit_Matching", "cpu", pair="vgg13-mv2")   # another pair of pairs.py
 table = run_demo(make_config("cpu"))                      # teacher vs independent vs KD students
 """
 
@@ -15,6 +16,7 @@ from analysis import compare, plot_seeds, summarize_seeds
 from config import Config, make_config
 from distributed import distributed, is_main_process
 from model import count_flops, count_params
+from pairs import default_pair, get_pair
 from registry import resolve_recipe
 from run_folders import run_dir_for
 from runs import RunResult, finished_run, train
@@ -70,12 +72,20 @@ class Experiment:
     confirm_seeds: range = range(5)  # picked configurations and differences under 2 points: 5 (2 in smoke)
 
 
-def setup_experiment(name: str, profile: str = "cpu", data_dir: str = "./data", out_dir: str = "runs") -> Experiment:
+def setup_experiment(
+    name: str, profile: str = "cpu", data_dir: str = "./data", out_dir: str = "runs", pair: str | None = None
+) -> Experiment:
     """The shared first cell of the notebooks: the profile's config (generated data in ``smoke``),
-    its seeds, the teacher (trained once, then reused) and ``<out_dir>/figures/<name>``."""
+    its seeds, the teacher (trained once, then reused) and ``<out_dir>/figures/<name>``.
+
+    ``pair`` names a teacher-student pair of ``pairs.PAIRS[profile]``; None keeps the profile's own
+    networks (its first pair, the demo's). Another pair's figures go to ``<name>-<pair>``."""
     overrides = {"out_dir": out_dir} | ({} if profile == "smoke" else {"data_dir": data_dir})
+    if pair is not None:
+        overrides |= get_pair(profile, pair).fields()
     cfg = make_config(profile, **overrides)
-    figures = os.path.join(out_dir, "figures", name)
+    own = pair is None or pair == default_pair(profile)
+    figures = os.path.join(out_dir, "figures", name if own else f"{name}-{pair}")
     os.makedirs(figures, exist_ok=True)
     teacher = train(teacher_config(cfg))
     print(

@@ -50,3 +50,24 @@ def test_unknown_pair_or_profile_lists_the_known_ones():
         pairs.pair_config("cpu", "vgg19-vgg8")
     with pytest.raises(UnknownNameError, match="profiles with pairs: cpu, paper"):
         pairs.pairs("smoke")
+
+
+def test_the_notebooks_setup_takes_a_pair(monkeypatch, tmp_path):
+    import pandas as pd
+
+    import experiment
+
+    trained = []
+
+    class Teacher:  # stands in for the trained teacher: the call is what is under test
+        run_dir, history = "teacher-dir", pd.DataFrame({"test_top1": [80.0]})
+
+    monkeypatch.setattr(experiment, "train", lambda cfg: trained.append(cfg) or Teacher())
+    exp = experiment.setup_experiment("nb", "cpu", str(tmp_path / "data"), str(tmp_path), pair="vgg13-mv2")
+    assert exp.cfg == pairs.pair_config("cpu", "vgg13-mv2", data_dir=str(tmp_path / "data"), out_dir=str(tmp_path))
+    assert (trained[0].model, trained[0].width) == pairs.PAIRS["cpu"]["vgg13-mv2"].teacher
+    assert exp.figures == str(tmp_path / "figures" / "nb-vgg13-mv2")
+    own = experiment.setup_experiment("nb", "cpu", str(tmp_path / "data"), str(tmp_path))
+    assert own.figures == str(tmp_path / "figures" / "nb") and own.cfg.model == PROFILES["cpu"]["model"]
+    with pytest.raises(UnknownNameError, match="profiles with pairs"):
+        experiment.setup_experiment("nb", "smoke", out_dir=str(tmp_path), pair="vgg13-mv2")

@@ -276,6 +276,45 @@ def test_compare_pairs_runs_by_seed_and_says_within_noise():
     assert table.loc["kd − ce", "verdict"] == "within noise" and table.loc["kd − ce", "n"] == 3
 
 
+def test_equivalence_is_tost_on_the_90_percent_ci():
+    d = [0.1, -0.2, 0.3, 0.0, 0.2]
+    # by hand: mean 0.08, sd 0.19235, se 0.086023; t_.95(4) = 2.13185 -> 90% CI -0.1034 to 0.2634;
+    # t_.975(4) = 2.77645 -> 95% CI -0.1588 to 0.3188 (includes 0)
+    c = analysis.compare(d, [0.0] * 5)
+    assert c.ci(0.90) == (pytest.approx(-0.1034, abs=1e-3), pytest.approx(0.2634, abs=1e-3))
+    assert c.equivalent(0.5) and not c.equivalent(0.25)
+    assert c.verdict(0.5) == "equivalent (±0.5)" and c.verdict(0.25) == "within noise" and c.verdict() == "within noise"
+    assert analysis.compare([2.0, 3.0, 2.5], [0.0] * 3).verdict(0.5, words=("better", "worse")) == "better"
+    table = analysis.compare_columns(
+        pd.DataFrame({"g": ["a"] * 5 + ["b"] * 5, "seed": [*range(5)] * 2, "acc": [*d, *[0.0] * 5]}),
+        "g",
+        "b",
+        ["acc"],
+        0.5,
+    )
+    assert table.loc[("a", "acc"), "verdict"] == "equivalent (±0.5)"
+
+
+def test_compare_nested_pools_over_teachers_with_their_spread():
+    a = {"t0": [71.0, 72.0, 73.0], "t1": [70.0, 70.0, 71.0]}
+    b = {"t0": [70.0, 70.5, 71.0], "t1": [70.0, 69.5, 70.0]}
+    # by hand: t0 d = (1, 1.5, 2), mean 1.5, CI 1.5 ± 4.3027 * 0.5 / sqrt(3) = 0.258 to 2.742 (higher);
+    # t1 d = (0, 0.5, 1): -0.742 to 1.742 (within noise); pooled over teachers: mean(1.5, 0.5) = 1.0,
+    # sd 0.7071, se 0.5, t_.975(1) = 12.706 -> -5.353 to 7.353
+    t = analysis.compare_nested(a, b)
+    assert list(t.index) == ["t0", "t1", "pooled"]
+    assert (t.loc["t0", "ci_low"], t.loc["t0", "verdict"]) == (pytest.approx(0.2579, abs=1e-3), "higher")
+    assert t.loc["t1", "verdict"] == "within noise"
+    assert t.loc["pooled", "diff"] == pytest.approx(1.0) and t.loc["pooled", "n"] == 2
+    assert (t.loc["pooled", "ci_low"], t.loc["pooled", "ci_high"]) == (
+        pytest.approx(-5.3531, abs=1e-3),
+        pytest.approx(7.3531, abs=1e-3),
+    )
+    assert t.loc["pooled", "mean_a"] == pytest.approx(71.1667, abs=1e-3) and not t["same_verdict"].any()
+    with pytest.raises(ValueError, match="same teachers"):
+        analysis.compare_nested(a, {"t0": b["t0"]})
+
+
 def _timed_run(path, seconds, metrics=None, **cfg):
     path.mkdir()
     (path / "config.json").write_text(json.dumps({"method": "ce", "width": 0.25, "out_dir": str(path.parent), **cfg}))
