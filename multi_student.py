@@ -1,4 +1,5 @@
-"""Several students instead of one: ensembles, deep mutual learning, feature-partition specialists.
+"""Several students instead of one: ensembles, deep mutual learning, feature-partition specialists,
+class-subset specialists.
 
 Every variant trains in the one loop of ``train_eval``; what differs is the network being
 trained (a group of students, checkpointed and rebuilt like any model) and the task around it.
@@ -10,6 +11,8 @@ what is about groups as such (budgets, ensembles of separate runs, their evaluat
     cohort = mutual_learning(replace(cfg, members=2))     # 2 students trained together (DML)
     stage1, final = train_specialists(replace(cfg, members=4, teacher=...))
     evaluate_group([r.model for r in members], test_loader, teacher_logits)
+    group = train_class_specialists(replace(cfg, method="kd"), k=2, size=2)   # Hinton et al.'s specialists
+    evaluate_class_specialists(group, val_loader)          # generalist alone vs the paper's combination
 
 A group's total parameter count can be held under ``cfg.budget``: ``width_for_budget`` finds
 the widest members that fit and every group run checks it when it builds its students.
@@ -22,15 +25,18 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
+import torch
 from torch import nn
 
 import data_utils
 from analysis import group_metrics
 from config import Config, build_parser, config_from_args, run_cli
+from distiller import load_teacher
 from distributed import init_distributed, is_main_process
 from evaluation import predict
+from methods.class_specialists import collapse, combine, confusable_groups
 from methods.dml import Cohort, MutualLearningLoss, build_cohort, build_cohort_group, mutual_learning
 from methods.specialists import (
     PartitionLoss,
@@ -51,6 +57,7 @@ from runs import RunResult, make_loaders
 from sweeps import run_all
 
 __all__ = [
+    "ClassSpecialists",
     "Cohort",
     "MutualLearningLoss",
     "PartitionLoss",
@@ -60,9 +67,11 @@ __all__ = [
     "build_cohort_group",
     "build_specialists",
     "check_budget",
+    "class_specialist_configs",
     "embedding_stats",
     "ensemble",
     "ensemble_configs",
+    "evaluate_class_specialists",
     "evaluate_group",
     "fold_standardization",
     "head_config",
@@ -73,6 +82,8 @@ __all__ = [
     "partition_stage",
     "run_group",
     "specialists",
+    "teacher_groups",
+    "train_class_specialists",
     "train_ensemble",
     "train_probes",
     "train_specialists",
@@ -136,6 +147,81 @@ def budget_width(cfg: Config, k: int, method: str = ENSEMBLE) -> float:
     if method != ENSEMBLE and METHODS.get(method).group_model is not None:
         return width_for_budget(lambda w: METHODS[method].group_model(cfg, k, w), cfg.budget)
     return width_for_budget(lambda w: ensemble(n, w, cfg.model, k), cfg.budget)
+
+
+# ----------------------------------------------------------------------------- class-subset specialists
+
+
+@dataclass
+class ClassSpecialists:
+    """Hinton et al.'s group: the generalist, the class groups, one specialist run per group."""
+
+    generalist: RunResult
+    groups: list[list[int]]
+    specialists: list[RunResult]
+
+
+def teacher_groups(cfg: Config, k: int, size: int) -> list[list[int]]:
+    """The ``k`` groups of ``size`` classes the teacher ``cfg.teacher`` confuses most on the students'
+    training images (unaugmented; no label is read), by ``confusable_groups``."""
+    teacher = load_teacher(cfg.teacher, cfg)
+    logits = predict(teacher, data_utils.unaugmented(make_loaders(cfg).train))[0]  # (N, C)
+    return confusable_groups(logits.softmax(1), k, size)
+
+
+def class_specialist_configs(cfg: Config, generalist_dir: str, groups, epochs: int | None = None) -> list[Config]:
+    """One ``class_specialist`` run per group, each from the generalist's weights (the paper's start)."""
+    return [
+        replace(
+            cfg,
+            method="class_specialist",
+            special_classes=",".join(map(str, g)),
+            init_from=generalist_dir,
+            epochs=epochs or cfg.epochs,
+        )
+        for g in groups
+    ]
+
+
+def train_class_specialists(
+    cfg: Config, k: int, size: int, specialist_epochs: int | None = None, jobs: int | str = 1
+) -> ClassSpecialists:
+    """Hinton et al. 2015's specialists at one width: the generalist (``cfg``: its method, e.g. kd),
+    the teacher's ``k`` most-confused groups of ``size`` classes, and a specialist per group started
+    from the generalist (``specialist_epochs``, default ``cfg.epochs``). For a parameter budget,
+    give ``cfg.width = budget_width(cfg, k + 1)``: the k + 1 networks are an ensemble's."""
+    check_budget(
+        ensemble(data_utils.DATASETS[cfg.dataset].num_classes, cfg.width, cfg.model, k + 1),
+        cfg.budget,
+        (f"a generalist and {k} specialists, {cfg.model} x{cfg.width:g}"),
+    )
+    generalist = run_all([replace(cfg, budget=0)], jobs=1)[0]
+    groups = teacher_groups(cfg, k, size)
+    specialists = run_all(
+        class_specialist_configs(replace(cfg, budget=0), generalist.run_dir, groups, specialist_epochs), jobs=jobs
+    )
+    return ClassSpecialists(generalist, groups, specialists)
+
+
+def evaluate_class_specialists(group: ClassSpecialists, loader, top_n: int = 1, amp: bool = False) -> dict:
+    """Top-1 of the generalist alone and of the paper's combination (``combine``) on ``loader``,
+    the share of images with an active specialist, and the networks' parameters."""
+    z_g, labels = predict(group.generalist.model, loader, amp)  # (N, C), (N,)
+    p_special = [
+        collapse(predict(s.model, loader, amp)[0].log_softmax(1), g).exp()  # (N, |S| + 1)
+        for s, g in zip(group.specialists, group.groups, strict=True)
+    ]
+    p_g = z_g.softmax(1)
+    q = combine(p_g, p_special, group.groups, top_n)  # (N, C)
+    top = p_g.topk(top_n, 1).indices  # (N, n)
+    active = torch.isin(top, torch.tensor([c for g in group.groups for c in g])).any(1)
+    models = [group.generalist.model, *(s.model for s in group.specialists)]
+    return {
+        "generalist_top1": 100 * (p_g.argmax(1) == labels).float().mean().item(),
+        "combined_top1": 100 * (q.argmax(1) == labels).float().mean().item(),
+        "active_share": 100 * active.float().mean().item(),
+        "params": sum(count_params(m) for m in models),
+    }
 
 
 # ----------------------------------------------------------------------------- command line

@@ -184,6 +184,7 @@ class Method:
     check: Callable | None = None  # check(cfg) on the resolved config: errors before any data is read
     group: Callable | None = None
     group_model: Callable | None = None  # group_model(cfg, k, width): the group's network, to fit a budget
+    standalone: bool = True  # False: one part of a group recipe (a class specialist), no student on its own
 
     @property
     def reads(self) -> frozenset:
@@ -219,6 +220,7 @@ def register_method(
     check: Callable | None = None,
     group: Callable | None = None,
     group_model: Callable | None = None,
+    standalone: bool = True,
     **recipe,
 ):
     """Decorator registering ``build(cfg, student, teacher, **context) -> loss`` as method ``name``
@@ -236,7 +238,9 @@ def register_method(
         if build is not None and not needs_teacher:
             raise TypeError(f"method {name!r} has a distillation loss, which needs a teacher: drop needs_teacher=False")
         entry = Method(name, source, dict(recipe), tuple(params), needs_teacher, needs_features, needs_index)
-        entry = replace(entry, build=build, run=run, check=check, group=group, group_model=group_model)
+        entry = replace(
+            entry, build=build, run=run, check=check, group=group, group_model=group_model, standalone=standalone
+        )
         METHODS.register(name)(entry)
         _check_params_agree()
         return build

@@ -57,7 +57,10 @@ CRD_NEGATIVES = 16_384
 def methods() -> list[str]:
     """Cross-entropy, then every registered distillation method but the ``+kd`` combinations and
     FitNets' stage 1 (a pre-training step, not a method one compares)."""
-    return ["ce", *sorted(m for m in loss_methods() if "+kd" not in m and m != "fitnet_stage1")]
+    return [
+        "ce",
+        *sorted(m for m in loss_methods() if "+kd" not in m and m != "fitnet_stage1" and METHODS[m].standalone),
+    ]
 
 
 DEFAULT_PAIR = default_pair("cpu")

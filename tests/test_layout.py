@@ -84,13 +84,17 @@ def test_partition_trains_the_specialists_first_stage_not_a_ce_student(smoke_cfg
         distill(replace(cfg, method="specialists"))
 
 
+# what a method cannot run without, besides a teacher
+NEEDED = {"specialists": {"init_from": "x"}, "class_specialist": {"special_classes": "3,5"}}
+
+
 def test_every_run_method_needs_what_the_registry_says(smoke_cfg):
     for name in METHODS.names():
         m = METHODS[name]
         assert (m.build is None) != (m.run is None), name
         if m.needs_teacher:
             with pytest.raises(ValueError, match="needs a teacher"):
-                distill(smoke_cfg(method=name, members=2, warmup=1.0, init_from="x" if name == "specialists" else ""))
+                distill(smoke_cfg(method=name, members=2, warmup=1.0, **NEEDED.get(name, {})))
 
 
 def test_an_in_process_sweep_leaves_progress_bars_as_they_were(smoke_cfg, monkeypatch):
