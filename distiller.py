@@ -26,7 +26,7 @@ from distributed import distributed, is_main_process
 from evaluation import evaluate
 from registry import METHODS, loss_methods, resolve_recipe
 from run_folders import run_dir_for, run_identity, same_run
-from runs import RunResult, make_loaders, train, train_together
+from runs import RunResult, build_student, make_loaders, train, train_together
 from teacher_cache import use_teacher_cache
 
 
@@ -268,9 +268,10 @@ def distill(cfg: Config) -> RunResult:
 
 
 def shares_a_stream(cfg: Config) -> bool:
-    """Whether a run of ``cfg.method`` can train in a cohort: a distillation loss, or plain training."""
+    """Whether a run of ``cfg.method`` can train in a cohort: a distillation loss, plain training, or
+    a method the loop trains with a student and task of its own (the specialists' first stage)."""
     method = METHODS.get(cfg.method)
-    return method.build is not None or method.run is train
+    return method.build is not None or method.run is train or method.make_task is not None
 
 
 def distill_together(cfgs: list[Config]) -> list[RunResult | Exception]:
@@ -297,7 +298,7 @@ def distill_together(cfgs: list[Config]) -> list[RunResult | Exception]:
     if len(cached) > 1:
         raise ValueError("a cohort's distilling members read the teacher's cached logits, or all run it online")
     wrap = use_teacher_cache if cached == {True} else None
-    results = train_together([cfgs[i] for i in members], _task, wrap, None if wrap else _shared_teacher)
+    results = train_together([cfgs[i] for i in members], _task, wrap, None if wrap else _shared_teacher, _student)
     for i, result in zip(members, results, strict=True):
         out[i] = result
     return out
@@ -308,13 +309,21 @@ def _distils_online_or_cached(cfg: Config) -> bool:
 
 
 def _task(cfg: Config, student: nn.Module, train_loader) -> nn.Module | None:
-    return build_distiller(cfg, student, train_loader) if METHODS.get(cfg.method).build is not None else None
+    method = METHODS.get(cfg.method)
+    if method.build is not None:
+        return build_distiller(cfg, student, train_loader)
+    return method.make_task(cfg, student, train_loader) if method.make_task else None
+
+
+def _student(cfg: Config) -> nn.Module:
+    return (METHODS.get(cfg.method).make_student or build_student)(cfg)
 
 
 def _shared_teacher(tasks: list[nn.Module]) -> tuple:
     """The frozen teacher the distilling members share (checked: one set of weights, one precision),
     and whether any of them needs its features."""
-    distillers = [t for t in tasks if isinstance(t, Distiller)]
+    # a Distiller, or any task with a FrozenTeacher that takes the batch extra ``teacher_out``
+    distillers = [t for t in tasks if isinstance(getattr(t, "teacher", None), FrozenTeacher)]
     if not distillers:
         return None, False
     teachers = {(state_digest(t.teacher.net.state_dict()), t.teacher.bf16) for t in distillers}

@@ -185,6 +185,10 @@ class Method:
     group: Callable | None = None
     group_model: Callable | None = None  # group_model(cfg, k, width): the group's network, to fit a budget
     standalone: bool = True  # False: one part of a group recipe (a class specialist), no student on its own
+    # a ``run`` method that the one loop trains: ``make_student(cfg)`` builds what it trains and
+    # ``make_task(cfg, student, train_loader)`` wraps it, so its runs can join cohorts
+    make_student: Callable | None = None
+    make_task: Callable | None = None
 
     @property
     def reads(self) -> frozenset:
@@ -221,6 +225,8 @@ def register_method(
     group: Callable | None = None,
     group_model: Callable | None = None,
     standalone: bool = True,
+    make_student: Callable | None = None,
+    make_task: Callable | None = None,
     **recipe,
 ):
     """Decorator registering ``build(cfg, student, teacher, **context) -> loss`` as method ``name``
@@ -235,12 +241,13 @@ def register_method(
     def add(build):
         if (build is None) == (run is None):
             raise TypeError(f"method {name!r} needs exactly one of a loss builder or run=: it would train nothing")
+        if (make_student is None) != (make_task is None) or (make_task is not None and run is None):
+            raise TypeError(f"method {name!r}: give make_student and make_task together, beside its run=")
         if build is not None and not needs_teacher:
             raise TypeError(f"method {name!r} has a distillation loss, which needs a teacher: drop needs_teacher=False")
         entry = Method(name, source, dict(recipe), tuple(params), needs_teacher, needs_features, needs_index)
-        entry = replace(
-            entry, build=build, run=run, check=check, group=group, group_model=group_model, standalone=standalone
-        )
+        entry = replace(entry, build=build, run=run, check=check, group=group, group_model=group_model)
+        entry = replace(entry, standalone=standalone, make_student=make_student, make_task=make_task)
         METHODS.register(name)(entry)
         _check_params_agree()
         return build

@@ -219,13 +219,15 @@ def train_together(
     make_task: Callable[[Config, nn.Module, object], nn.Module] | None = None,
     wrap_loader: Callable[[nn.Module, object, Config], object] | None = None,
     share: Callable[[list[nn.Module]], tuple] | None = None,
+    make_student: Callable[[Config], nn.Module] = build_student,
 ) -> list[RunResult | Exception]:
     """Train (or reuse, or resume) the runs ``cfgs`` describe as one cohort; in order, each run's
     result, or the exception that stopped it alone.
 
     The runs must share a data stream (data, split, batch size, augmentation, data seed) and a
     thread count. Each batch is drawn once; ``share(tasks)`` may return ``(teacher, features)``, a
-    frozen teacher every distilling member reads, which then runs once per batch. Every member is
+    frozen teacher every distilling member reads, which then runs once per batch. ``make_student(cfg)``
+    builds each member's network, as ``train`` takes it. Every member is
     built, trained, checkpointed and resumed exactly as ``train`` does it alone, so its weights and
     metrics are the same to the bit (at the same thread count); finished members are read back.
     """
@@ -245,7 +247,7 @@ def train_together(
             elif out[d] is None:
                 todo.append((cfg, d))
         if todo:
-            out.update(_train_together(todo, make_task, wrap_loader, share))
+            out.update(_train_together(todo, make_task, wrap_loader, share, make_student))
     return [out[d] for d in dirs]
 
 
@@ -274,7 +276,7 @@ def _check_one_stream(cfgs: list[Config]) -> None:
             raise ValueError(f"the runs of a cohort must share one data stream, but they differ in {key}: {values}")
 
 
-def _train_together(todo, make_task, wrap_loader, share) -> dict:
+def _train_together(todo, make_task, wrap_loader, share, make_student) -> dict:
     first = todo[0][0]
     with train_eval.thread_count(first.threads):
         loaders = make_loaders(first, prepare=False)  # draws from its own generators, not the model seeds
@@ -283,7 +285,7 @@ def _train_together(todo, make_task, wrap_loader, share) -> dict:
         for cfg, run_dir in todo:
             try:
                 train_eval.set_seed(cfg.seed)  # each member built exactly as it would be alone
-                student = build_student(cfg)
+                student = make_student(cfg)
                 task = make_task(cfg, student, loaders.train) if make_task else None
                 task = train_eval.Vanilla(student) if task is None else task
                 members.append(train_eval.start_member(task, loaders.train, cfg, run_dir))

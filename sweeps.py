@@ -28,10 +28,10 @@ from analysis import FAILED, failed_rows, summarize
 from atomic_files import atomic_write_text
 from cohorts import plan_cohorts, run_cohort
 from config import Config, check_config, config_keys
-from distiller import distill, teacher_checks
+from distiller import distill, shares_a_stream, teacher_checks
 from progress import progress_bars, progress_enabled
 from pruning import Prune, prune_runs
-from registry import resolve_recipe
+from registry import METHODS, resolve_recipe
 from run_folders import failure_mark, run_dir_for, run_name
 from runs import RunResult
 
@@ -112,6 +112,8 @@ def run_many(
     reported as failed; each resumes from its last finished epoch. Workers die with this process.
     """
     run = run or distill
+    if configs and all(METHODS.get(c.method).run is run and shares_a_stream(c) for c in configs):
+        run = distill  # the methods' own runner, which distill calls; through distill they join cohorts
     jobs = default_jobs(max(c.threads for c in configs) if configs else 1) if jobs == "auto" else jobs
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a whole number >= 1 or 'auto', got {jobs!r}")

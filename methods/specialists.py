@@ -84,15 +84,18 @@ class PartitionRegression(nn.Module):
         self.register_buffer("target_mean", mean.clone())  # (D,) or empty
         self.register_buffer("target_std", std.clone())  # (D,) or empty
         self._targets: dict[int, torch.Tensor] = {}  # the teacher's embeddings per evaluation loader, computed once
+        self.needs_features = True  # a cohort's shared teacher hands its features (``teacher_out``)
 
-    def _target(self, x: torch.Tensor) -> torch.Tensor:
-        emb = self.teacher(x, features=True)[1]["pooled"].float()  # (B, D)
+    def _target(self, x: torch.Tensor, teacher_out=None) -> torch.Tensor:
+        out = teacher_out if teacher_out is not None else self.teacher(x, features=True)
+        emb = out[1]["pooled"].float()  # (B, D)
         return (emb - self.target_mean) / self.target_std if self.standardized else emb
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, **_):
+    def forward(self, x: torch.Tensor, y: torch.Tensor, teacher_out=None, **_):
+        """``teacher_out``: the teacher's outputs with features if a cohort already ran it on this batch."""
         outputs = self.student.member_outputs(x)
         logits = self.student.head(torch.cat(outputs, 1))  # (B, K)
-        terms = self.loss(outputs, self._target(x))
+        terms = self.loss(outputs, self._target(x, teacher_out))
         if self.ce_weight:
             terms["ce"] = self.ce_weight * F.cross_entropy(logits, y)
         return logits, terms
@@ -269,6 +272,8 @@ register_method(
     params=(CE_WEIGHT, STANDARDIZE),
     needs_features=True,
     run=partition_stage,
+    make_student=build_specialists,
+    make_task=_partition_task,
 )(None)
 register_method(
     "specialists",

@@ -103,6 +103,49 @@ def test_the_teacher_runs_once_per_batch_for_the_whole_cohort(smoke_cfg, smoke_t
     assert len(calls) == steps
 
 
+def test_the_specialists_first_stage_joins_a_cohort_and_reads_its_teacher(
+    smoke_cfg, smoke_teacher, tmp_path, monkeypatch
+):
+    from cohorts import plan_cohorts
+    from distiller import FrozenTeacher
+
+    partition = [("partition", {"members": 2}), ("partition", {"members": 2, "standardize_targets": True})]
+    methods = [*partition, ("fitnet", {}), ("ce", {})]
+    cfgs = configs(smoke_cfg, smoke_teacher.run_dir, tmp_path / "solo", methods, teacher_amp="bf16")
+    assert plan_cohorts(cfgs) == [[0, 1, 2, 3]]
+    solo = [distill(c) for c in cfgs]
+    calls, real_forward = [], FrozenTeacher.forward
+    monkeypatch.setattr(
+        FrozenTeacher,
+        "forward",
+        lambda self, x, features=False: calls.append(len(x)) or real_forward(self, x, features),
+    )
+    together = distill_together([replace(c, out_dir=str(tmp_path / "cohort")) for c in cfgs])
+    for a, b in zip(solo, together, strict=True):
+        assert_same_run(a, b)
+    assert type(together[0].model).__name__ == "Specialists" and "train_mse_1" in together[1].history
+    # training batches (64 images) went through the teacher once each, for all four members
+    assert calls.count(64) == len(together[0].history) * (1000 // 64)
+
+
+def test_a_sweep_of_the_specialists_runner_trains_in_cohorts(smoke_cfg, smoke_teacher, tmp_path, monkeypatch):
+    from distiller import FrozenTeacher
+    from methods.specialists import partition_stage
+    from sweeps import run_many
+
+    methods = [("partition", {"members": 2}), ("partition", {"members": 2, "ce_weight": 1.0})]
+    cfgs = configs(smoke_cfg, smoke_teacher.run_dir, tmp_path, methods, teacher_amp="bf16")
+    calls, real_forward = [], FrozenTeacher.forward
+    monkeypatch.setattr(
+        FrozenTeacher,
+        "forward",
+        lambda self, x, features=False: calls.append(len(x)) or real_forward(self, x, features),
+    )
+    out = run_many(cfgs, jobs=1, run=partition_stage)  # as Multiple_Students calls it
+    assert all("history" in o for o in out) and len({o["run_dir"] for o in out}) == 2
+    assert calls.count(64) == len(out[0]["history"]) * (1000 // 64)  # one teacher pass for both
+
+
 def test_plan_groups_by_stream_and_teacher_and_splits_for_idle_workers(smoke_cfg):
     from cohorts import plan_cohorts
 
