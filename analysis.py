@@ -11,6 +11,7 @@ numbers; nothing imports the training code, so results can be analysed without t
     compare_nested({t: kd}, {t: ce}) students nested in teachers: per teacher, and pooled over them
     cell_table(sweep_df, ["T"])      a sweep's cells: mean and 95% CI per cell, the pick flagged
     minutes_alone(run_dirs)          each run's training minutes had it run alone (the cost of a notebook)
+    time_report(run_dirs, START)     a notebook's time, stated one way: minutes alone, from scratch, this run
     output_stats, reliability_bins, logit_relation, logit_conflicts, top1_agreement, per_sample_kl,
     spearman_rows, expected_calibration_error, conflict_analysis, linear_cka, pairwise_disagreement,
     group_metrics, r_squared         from logits / features
@@ -32,6 +33,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -112,6 +114,21 @@ def minutes_alone(run_dirs: Iterable[str]) -> pd.Series:
     return pd.Series(
         {d: per_thread.fillna(median[key]).sum() / 60 for d, (key, per_thread) in runs.items()}, dtype=float
     )
+
+
+def time_report(run_dirs: Iterable[str], started: float | None = None, cores: int = 2) -> str:
+    """The one statement of a notebook's time, for all four: its runs' minutes had each had its
+    cores alone (``minutes_alone``: recorded CPU time per thread; a cohort's members share its
+    teacher's time), that total over ``cores`` runs at a time as the from-scratch wall time, and,
+    with ``started`` (a ``time.time()``), this execution's measured wall time."""
+    alone = minutes_alone(run_dirs)
+    text = (
+        f"{len(alone)} runs: {alone.sum():.1f} min had each run been alone (recorded CPU time per thread); "
+        f"from scratch about {alone.sum() / cores:.1f} min of wall time at {cores} runs at a time"
+    )
+    if started is not None:
+        text += f"; this execution: {(time.time() - started) / 60:.1f} min (finished runs are read back, not retrained)"
+    return text
 
 
 def ci95(values: Sequence[float]) -> float:

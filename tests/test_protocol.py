@@ -334,6 +334,17 @@ def test_minutes_alone_pools_the_runs_that_differ_only_in_seeds(tmp_path):
     assert minutes.tolist() == pytest.approx([40 / 60, 40 / 60, 40 / 60, 40 / 60])
 
 
+def test_time_report_states_minutes_alone_and_the_from_scratch_wall_time(tmp_path, monkeypatch):
+    a = _timed_run(tmp_path / "a", [60, 60], seed=0, data_seed=0)
+    b = _timed_run(tmp_path / "b", [120, 120], seed=0, data_seed=0, method="kd")
+    text = analysis.time_report([a, b], cores=2)
+    assert text.startswith("2 runs: 6.0 min had each run been alone") and "about 3.0 min of wall time at 2" in text
+    monkeypatch.setattr(analysis.time, "time", lambda: 1000.0 + 90)
+    assert analysis.time_report([a], started=1000.0).endswith(
+        "this execution: 1.5 min (finished runs are read back, not retrained)"
+    )
+
+
 def test_minutes_alone_counts_cpu_time_per_thread_where_the_epochs_have_it(tmp_path):
     cpu = {"cpu_seconds": [float("nan"), 9, 20], "threads": [1, 1, 2]}  # resumed: its first epoch has no CPU time
     c = _timed_run(tmp_path / "c", [12, 30, 30], cpu)  # wall time inflated by a job beside it
