@@ -150,9 +150,9 @@ def failed_runs(results: Sequence) -> dict:
 
 
 def _failures(failed: dict, total: int) -> str:
-    """``"1 of 3 (seed 2)"``: how many runs of a group failed, and which."""
+    """``"1 of 3 (seed 2)"``: how many runs of a group failed, and which ("0 of 3": none)."""
     if not failed:
-        return ""
+        return f"0 of {total}"
     seeds = ", ".join(str(s) for s in failed)
     return f"{len(failed)} of {total} (seed{'s' if len(failed) > 1 else ''} {seeds})"
 
@@ -180,11 +180,12 @@ def summarize_seeds(results: Sequence) -> dict:
 def mean_std_table(groups: Mapping[str, Sequence], columns=ACCURACY_COLUMNS) -> pd.DataFrame:
     """One row per group of runs: ``n`` and each accuracy as "mean ± 95% CI half-width (std s)".
 
-    Failed runs are left out of ``n`` and the means; where any run failed, column ``failed`` says
-    how many of each group and their seeds ("1 of 3 (seed 2)"), and a group whose every run failed
-    shows "–".
+    Failed runs (still at chance, or diverged) are left out of ``n`` and the means; column ``failed``
+    says how many of each group failed, and their seeds ("1 of 3 (seed 2)", or "0 of 3"): a method
+    that fails on some seeds shows as unstable, not silently averaged. A group whose every run
+    failed shows "–".
     """
-    rows, any_failed = {}, False
+    rows = {}
     for name, results in groups.items():
         s = summarize_seeds(results)
         rows[name] = {"n": s["seeds"]}
@@ -193,9 +194,7 @@ def mean_std_table(groups: Mapping[str, Sequence], columns=ACCURACY_COLUMNS) -> 
             std = f"{s[c + '_std']:.2f}" if s["seeds"] > 1 else "–"
             rows[name][c] = f"{s[c]:.2f} ± {ci} (std {std})" if s["seeds"] else "–"
         rows[name][FAILED] = _failures(failed_runs(results), len(results))
-        any_failed |= bool(rows[name][FAILED])
-    table = pd.DataFrame.from_dict(rows, orient="index")
-    return table if any_failed else table.drop(columns=FAILED, errors="ignore")
+    return pd.DataFrame.from_dict(rows, orient="index")
 
 
 @dataclass(frozen=True)
@@ -308,7 +307,8 @@ def failed_rows(df: pd.DataFrame) -> pd.Series:
 def cell_table(df: pd.DataFrame, keys: Sequence[str], columns=("val_top1", "test_top1")) -> pd.DataFrame:
     """A sweep's cells (one row each, ``keys`` as the index): n, and each column's mean and 95% CI half-width
     over seeds; the cell picked on validation (``best``) is flagged. Failed runs are left out of
-    ``n`` and the means; where any run failed, ``failed`` counts each cell's and ``failed_seeds`` names them.
+    ``n`` and the means; ``failed`` counts each cell's (0 where none did), and where any run failed,
+    ``failed_seeds`` names them.
     A cell a pruned sweep stopped early shows the epoch in ``pruned_at``: its accuracies are from there."""
     failed = failed_rows(df)
     trained = df[~failed]
@@ -318,9 +318,9 @@ def cell_table(df: pd.DataFrame, keys: Sequence[str], columns=("val_top1", "test
     for col in columns:
         table[col] = groups[col].mean().reindex(cells)
         table[f"{col}_ci95"] = groups[col].agg(ci95).reindex(cells)
+    lost = df[failed].groupby(list(keys))
+    table[FAILED] = lost.size().reindex(cells, fill_value=0) if failed.any() else 0
     if failed.any():
-        lost = df[failed].groupby(list(keys))
-        table[FAILED] = lost.size().reindex(cells, fill_value=0)
         seeds = lost["seed"].agg(lambda s: ", ".join(str(v) for v in sorted(s))) if "seed" in df else lost.size() * ""
         table["failed_seeds"] = seeds.reindex(cells, fill_value="")
     if "pruned_at" in df and df["pruned_at"].notna().any():  # its accuracies are at that epoch, not the end
