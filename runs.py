@@ -237,7 +237,7 @@ def train_together(
     dirs = [run_dir_for(c) for c in cfgs]
     out: dict[str, RunResult | Exception] = {}
     with contextlib.ExitStack() as stack:
-        todo = []
+        todo, before = [], {}
         for d in sorted(set(dirs)):  # one lock order for every process: no two cohorts wait on each other
             cfg = cfgs[dirs.index(d)]
             writable = stack.enter_context(run_lock(d))
@@ -246,8 +246,13 @@ def train_together(
                 out[d] = ValueError(f"{d} is not writable and holds no finished run of this config: pass --out-dir")
             elif out[d] is None:
                 todo.append((cfg, d))
+                before[d] = set(os.listdir(d))  # what the member did not create
         if todo:
             out.update(_train_together(todo, make_task, wrap_loader, share, make_student))
+        for d, existed in before.items():  # a member that failed before its first checkpoint: as ``train`` does
+            if isinstance(out[d], Exception) and distributed()[1] == 1:
+                with contextlib.suppress(OSError):
+                    _remove_early_failure(d, existed, keep_mark=isinstance(out[d], FloatingPointError))
     return [out[d] for d in dirs]
 
 

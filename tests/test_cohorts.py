@@ -81,6 +81,17 @@ def test_a_member_that_diverges_stops_alone(smoke_cfg, smoke_teacher, tmp_path):
         assert_same_run(distill(cfgs[i]), together[i])
 
 
+def test_a_member_refused_at_its_start_leaves_no_folder(smoke_cfg, smoke_teacher, tmp_path):
+    import os
+
+    # FSP compares the teacher's and the student's channels one by one: refused at these widths
+    cfgs = configs(smoke_cfg, smoke_teacher.run_dir, tmp_path, [("ce", {}), ("fsp", {})])
+    ce, fsp = distill_together(cfgs)
+    assert isinstance(fsp, ValueError) and os.path.isfile(os.path.join(ce.run_dir, "checkpoint.pt"))
+    runs = sorted(set(os.listdir(tmp_path)) - {"teacher_checks"})
+    assert runs == [os.path.basename(ce.run_dir)]  # no folder, no lock left for fsp
+
+
 def test_finished_members_are_read_back_not_retrained(smoke_cfg, smoke_teacher, tmp_path):
     cfgs = configs(smoke_cfg, smoke_teacher.run_dir, tmp_path, [("kd", {}), ("ce", {})])
     first = distill(cfgs[0])
