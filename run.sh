@@ -31,7 +31,8 @@ case "$cmd" in
         ;;
     test)
         setup
-        "$VENV/bin/python" -m pytest -q "$@"
+        # one worker per core, one thread each (tests/conftest.py); pass -n 0 to run in this process
+        "$VENV/bin/python" -m pytest -q -n auto "$@"
         ;;
     *)
         sed -n '2,5p' "$0"

@@ -10,9 +10,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("KD_PROGRESS", "0")  # no progress bars in test logs
+# ``run.sh test`` runs one pytest worker per core (pytest-xdist): each at one thread, or two
+# 2-thread workers on 2 cores would wait on each other's threads (3-15x slower); subprocesses inherit it
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import data_utils  # noqa: E402
 from train_eval import make_config  # noqa: E402
+
+if WORKER:
+    import torch
+
+    torch.set_num_threads(1)
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
