@@ -305,7 +305,8 @@ def distill_together(cfgs: list[Config]) -> list[RunResult | Exception]:
 
 
 def _distils_online_or_cached(cfg: Config) -> bool:
-    return METHODS.get(cfg.method).build is not None
+    method = METHODS.get(cfg.method)
+    return method.build is not None or (method.make_task is not None and method.needs_teacher)
 
 
 def _task(cfg: Config, student: nn.Module, train_loader) -> nn.Module | None:
@@ -329,7 +330,7 @@ def _shared_teacher(tasks: list[nn.Module]) -> tuple:
     teachers = {(state_digest(t.teacher.net.state_dict()), t.teacher.bf16) for t in distillers}
     if len(teachers) > 1:
         raise ValueError("the distilling members of a cohort must share one teacher at one precision")
-    return distillers[0].teacher, any(t.needs_features for t in distillers)
+    return distillers[0].teacher, any(getattr(t, "needs_features", False) for t in distillers)
 
 
 def check_method_inputs(cfg: Config) -> None:

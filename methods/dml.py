@@ -74,10 +74,14 @@ class Cohort(nn.Module):
         self.loss = loss
         self.teacher = FrozenTeacher(teacher, bf16=teacher_bf16) if teacher is not None else None
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None = None, **_):
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None = None, teacher_out=None, **_
+    ):
+        """``teacher_logits``: cached for these views; ``teacher_out``: a cohort's shared teacher already ran."""
         z = self.student.member_logits(x)  # (M, B, K)
         if self.teacher is not None and teacher_logits is None:
-            teacher_logits = self.teacher(x)
+            shared = teacher_out[0] if isinstance(teacher_out, tuple) else teacher_out  # (logits, feats) or logits
+            teacher_logits = self.teacher(x) if teacher_out is None else shared
         return z.mean(0), self.loss(z, y, teacher_logits)
 
     def test_metrics(self, loader, amp: bool = False) -> dict:
@@ -132,7 +136,15 @@ PARAMS = (
 )
 SOURCE = "Zhang et al. 2018, deep mutual learning: CE + KL to each peer at T = 1, weight 1"
 # what both variants share: one run trains the cohort; the published peer term (T 1, weight 1)
-COHORT = dict(run=mutual_learning, group=train_group, group_model=group_model, peer_T=1.0, peer_weight=1.0)
+COHORT = dict(
+    run=mutual_learning,
+    make_student=build_cohort_group,  # the loop trains it: its runs join cohorts of their stream
+    make_task=build_cohort,
+    group=train_group,
+    group_model=group_model,
+    peer_T=1.0,
+    peer_weight=1.0,
+)
 register_method("dml", source=SOURCE, params=PARAMS, needs_teacher=False, **COHORT)(None)
 register_method(
     "dml+kd",

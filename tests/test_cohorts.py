@@ -157,6 +157,21 @@ def test_a_sweep_of_the_specialists_runner_trains_in_cohorts(smoke_cfg, smoke_te
     assert calls.count(64) == len(out[0]["history"]) * (1000 // 64)  # one teacher pass for both
 
 
+@pytest.mark.parametrize("cached", [True, False])
+def test_mutual_learning_cohorts_join_a_cohort_of_their_stream(smoke_cfg, smoke_teacher, tmp_path, cached):
+    from cohorts import plan_cohorts
+
+    methods = [("ce", {}), ("kd", {}), ("dml", {"members": 2}), ("dml+kd", {"members": 2})]
+    online = {} if cached else {"teacher_amp": "bf16"}
+    cfgs = configs(smoke_cfg, smoke_teacher.run_dir, tmp_path / "solo", methods, teacher_cache=cached, **online)
+    assert plan_cohorts(cfgs) == [[0, 1, 2, 3]]
+    solo = [distill(c) for c in cfgs]
+    together = distill_together([replace(c, out_dir=str(tmp_path / "cohort")) for c in cfgs])
+    for a, b in zip(solo, together, strict=True):
+        assert_same_run(a, b)
+    assert {"test_top1_m0", "test_top1_m1", "train_peer_1"} <= set(together[3].history.columns)
+
+
 def test_plan_groups_by_stream_and_teacher_and_splits_for_idle_workers(smoke_cfg):
     from cohorts import plan_cohorts
 
@@ -167,10 +182,11 @@ def test_plan_groups_by_stream_and_teacher_and_splits_for_idle_workers(smoke_cfg
         replace(base, method="ce", seed=0, data_seed=0),  # 2: no teacher: joins stream 0's cohort
         replace(base, method="kd", seed=1, data_seed=1),  # 3: another stream
         replace(base, method="kd", seed=0, data_seed=0, teacher_amp="bf16"),  # 4: another precision
-        replace(base, method="dml", members=2, seed=0, data_seed=0),  # 5: a runner of its own: alone
+        replace(base, method="specialists", members=2, init_from="x", seed=0, data_seed=0),  # 5: a runner of its own
+        replace(base, method="dml", members=2, seed=0, data_seed=0),  # 6: no teacher: joins stream 0's cohort
     ]
-    assert plan_cohorts(cfgs, workers=1) == [[0, 1, 2], [3], [4], [5]]
-    assert sorted(map(len, plan_cohorts(cfgs, workers=5))) == [1, 1, 1, 1, 2]
+    assert plan_cohorts(cfgs, workers=1) == [[0, 1, 2, 6], [3], [4], [5]]
+    assert sorted(map(len, plan_cohorts(cfgs, workers=5))) == [1, 1, 1, 2, 2]
 
 
 def test_a_sweep_in_cohorts_gives_the_runs_it_gives_one_by_one(smoke_cfg, smoke_teacher, tmp_path):
