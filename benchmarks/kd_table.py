@@ -174,7 +174,28 @@ def table(df: pd.DataFrame) -> pd.DataFrame:
         out[f"vs {base}"] = diffs["diff"]
         ci = diffs["ci_low"].map("{:+.2f}".format) + " to " + diffs["ci_high"].map("{:+.2f}".format)
         out[f"vs {base} 95% CI"] = ci
+        out[f"vs {base} verdict"] = diffs["verdict"]
     return out.sort_values("val_top1", ascending=False)
+
+
+VERDICTS = ("vs ce verdict", "vs kd verdict")
+
+
+def across_pairs(by_pair: dict[str, pd.DataFrame], column: str) -> pd.DataFrame:
+    """One row per method, one column per pair: its verdict (``column``: against CE or KD), with the
+    runs that failed; ``holds`` says whether every pair that ran it gives the same verdict."""
+    cells = {}
+    for name, t in by_pair.items():
+        if column not in t:
+            continue
+        failed = t["failed"].map(lambda n: f" ({n} failed)" if n else "")
+        cells[name] = t[column].fillna("–") + failed
+    out = pd.DataFrame(cells)
+    bare = out.apply(lambda col: col.str.replace(r" \(\d+ failed\)", "", regex=True))
+    out["holds"] = bare.apply(lambda row: "yes" if row.dropna().nunique() == 1 else "flips", axis=1)
+    if len(cells) < 2:
+        out["holds"] = "one pair"
+    return out
 
 
 def _ran(df: pd.DataFrame) -> pd.DataFrame:
@@ -233,10 +254,21 @@ def write(df: pd.DataFrame, prefix: str) -> None:
     for name, t in by_pair.items():
         pair = get_pair("cpu", name)
         (tm, tw), (sm, sw) = pair.teacher, pair.student
-        lines += ["", f"### {name}: {tm} x{tw:g} teacher, {sm} x{sw:g} student", "", markdown(t.round(2))]
+        shown = t.drop(columns=[c for c in VERDICTS if c in t]).round(2)
+        lines += ["", f"### {name}: {tm} x{tw:g} teacher, {sm} x{sw:g} student", "", markdown(shown)]
         for method, why in refused(df[df["pair"] == name]).items():
             lines += ["", f"`{method}` could not run on this pair: {why}"]
-        print(f"{name}\n{t.round(2).to_string()}")
+        print(f"{name}\n{shown.to_string()}")
+    if len(by_pair) > 1:
+        lines += [
+            "",
+            "### Verdicts across pairs",
+            "",
+            "Paired 95% CI of validation top-1 against CE and KD "
+            "(higher, lower, or within noise where it spans 0); `holds`: the same verdict on every pair.",
+        ]
+        for column in VERDICTS:
+            lines += ["", f"**{column.removesuffix(' verdict')}**", "", markdown(across_pairs(by_pair, column))]
     lines += ["", f"![validation top-1 by method and pair]({os.path.basename(prefix)}.png)"]
     plot(by_pair, f"{prefix}.png")
     with open(f"{prefix}.md", "w") as f:

@@ -46,6 +46,8 @@ def test_kd_table_rebuilds_one_table_per_pair_from_its_csv(tmp_path):
         [dict(method=m, seed=s, teacher="t13", val_top1=v, test_top1=v, minutes_alone=1.0) for m, s, v in rows]
     )
     mv2 = old.assign(pair="vgg13-mv2", val_top1=old["val_top1"] - 5)
+    # there kd − ce is +2.0, +2.1, +2.2: clearly higher, where the demo pair's +1, +2, +3 spans 0
+    mv2.loc[mv2["method"] == "kd", "val_top1"] = [57.0, 58.1, 59.2]
     df = pd.concat([old, mv2]).assign(commit="abc", processor="cpu (avx512)")
     prefix = str(tmp_path / "untuned")
     df.to_csv(f"{prefix}.csv", index=False)
@@ -55,9 +57,12 @@ def test_kd_table_rebuilds_one_table_per_pair_from_its_csv(tmp_path):
     assert sorted(set(written["pair"])) == ["vgg13-mv2", "vgg13-vgg8"] and len(written) == 12
     tables = kd_table.tables(written)
     assert list(tables) == ["vgg13-vgg8", "vgg13-mv2"]  # pairs.py's order
-    for t in tables.values():
-        assert t.loc["kd", "vs ce"] == 2.0 and t.loc["kd", "runs"] == 3
+    assert tables["vgg13-vgg8"].loc["kd", "vs ce"] == 2.0 and tables["vgg13-vgg8"].loc["kd", "runs"] == 3
+    assert tables["vgg13-mv2"].loc["kd", "vs ce"] == pytest.approx(2.1)
+    verdicts = kd_table.across_pairs(tables, "vs ce verdict")
+    assert verdicts.loc["kd"].tolist() == ["within noise", "higher", "flips"]
     md = open(f"{prefix}.md").read()
+    assert "### Verdicts across pairs" in md and "| flips |" in md
     assert "### vgg13-vgg8: vgg13 x0.25 teacher, vgg8 x0.125 student" in md and "### vgg13-mv2" in md
     assert (tmp_path / "untuned.png").stat().st_size > 0
     # beside the published numbers: CE's paired difference to KD (-1, -2, -3: CI -2 ± 2.48) spans 0
