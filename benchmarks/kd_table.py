@@ -181,6 +181,16 @@ def table(df: pd.DataFrame) -> pd.DataFrame:
 VERDICTS = ("vs ce verdict", "vs kd verdict")
 
 
+def cost_line(df: pd.DataFrame, cores: int = 2) -> str:
+    """The pair's training time: its runs' minutes had each run alone (a cohort member counts its own
+    steps and its share of the teacher), and that over ``cores`` runs at a time; the teacher apart."""
+    minutes = df["minutes_alone"].sum()
+    return (
+        f"{len(df)} runs, {minutes:.0f} min had each run alone: about {minutes / cores / 60:.1f} h on {cores} cores "
+        "from scratch (the teacher not counted)."
+    )
+
+
 def across_pairs(by_pair: dict[str, pd.DataFrame], column: str) -> pd.DataFrame:
     """One row per method, one column per pair: its verdict (``column``: against CE or KD), with the
     runs that failed; ``holds`` says whether every pair that ran it gives the same verdict."""
@@ -256,6 +266,7 @@ def write(df: pd.DataFrame, prefix: str) -> None:
         (tm, tw), (sm, sw) = pair.teacher, pair.student
         shown = t.drop(columns=[c for c in VERDICTS if c in t]).round(2)
         lines += ["", f"### {name}: {tm} x{tw:g} teacher, {sm} x{sw:g} student", "", markdown(shown)]
+        lines += ["", cost_line(df[df["pair"] == name])]
         for method, why in refused(df[df["pair"] == name]).items():
             lines += ["", f"`{method}` could not run on this pair: {why}"]
         print(f"{name}\n{shown.to_string()}")

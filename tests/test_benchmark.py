@@ -63,6 +63,7 @@ def test_kd_table_rebuilds_one_table_per_pair_from_its_csv(tmp_path):
     assert verdicts.loc["kd"].tolist() == ["within noise", "higher", "flips"]
     md = open(f"{prefix}.md").read()
     assert "### Verdicts across pairs" in md and "| flips |" in md
+    assert "6 runs, 6 min had each run alone: about 0.1 h on 2 cores" in md
     assert "### vgg13-vgg8: vgg13 x0.25 teacher, vgg8 x0.125 student" in md and "### vgg13-mv2" in md
     assert (tmp_path / "untuned.png").stat().st_size > 0
     # beside the published numbers: CE's paired difference to KD (-1, -2, -3: CI -2 ± 2.48) spans 0
