@@ -74,9 +74,14 @@ def behind(values: pd.DataFrame, keys: Sequence[str], margin: float) -> set[tupl
 
 
 def prune_runs(
-    runs: list[tuple[dict, int, Config]], prune: Prune, run_batch: Callable[[list[Config]], list[dict]]
+    runs: list[tuple[dict, int, Config]],
+    prune: Prune,
+    run_batch: Callable[[list[Config]], list[dict]],
+    by: Sequence[str] = (),
 ) -> tuple[dict[int, int], dict[int, dict]]:
     """Train ``runs`` (``sweeps.expand_grid``'s cells) rung by rung with ``run_batch`` (``run_many``).
+    ``by``: cell keys that split the runs into grids judged apart (several methods' grids in one
+    batch: each cell is compared with its own method's best only).
 
     Returns ``{run index: epoch it stopped at}`` for the pruned runs and each pruned or failed run's
     last result (``{"run_dir", "history"}`` or ``{"error"}``); the others are left at the last rung,
@@ -92,7 +97,9 @@ def prune_runs(
             cell, seed, _ = runs[i]
             results[i] = res
             rows.append({**cell, "seed": seed, "val_top1": _val_at(res, epoch)})
-        cut = behind(pd.DataFrame(rows), keys, prune.margin)
+        frame = pd.DataFrame(rows)
+        grids = [g for _, g in frame.groupby(list(by), sort=False)] if by else [frame]
+        cut = set().union(*(behind(g, keys, prune.margin) for g in grids))
         for i in alive:
             if tuple(runs[i][0][k] for k in keys) in cut:
                 stopped[i] = epoch

@@ -22,6 +22,7 @@ import pandas as pd
 
 from analysis import FAILED
 from config import Config
+from pruning import Prune, prune_runs
 from registry import resolve_recipe
 from sweeps import run_many, run_metrics
 
@@ -58,9 +59,10 @@ class Tuning:
     extensions: int = 0
 
     def cell_means(self) -> pd.Series:
-        """Mean validation top-1 per value over its runs; cells with a failed run are left out."""
+        """Mean validation top-1 per value over its runs; cells with a failed or pruned run are left out."""
         df = pd.DataFrame(self.rows)
         bad = set(df.loc[df[FAILED].notna(), "value"]) if FAILED in df else set()
+        bad |= set(df.loc[df["pruned_at"].notna(), "value"]) if "pruned_at" in df else set()
         bad |= set(df.loc[df["val_top1"].isna(), "value"])
         ok = df[~df["value"].isin(bad)]
         return ok.groupby("value")["val_top1"].mean()
@@ -82,26 +84,42 @@ def _config(base: Config, t: Tuning, value: float, seed: int) -> Config:
     return replace(base, seed=seed, data_seed=seed, **extra)
 
 
-def _run(batch: list[tuple[Tuning, float, int, Config]], jobs) -> None:
-    """Train a batch of (tuning, value, seed, config) in one ``run_many`` call; a row per run into its tuning."""
-    results = run_many([c for *_, c in batch], jobs=jobs, desc="tuning")
-    for (t, value, seed, _), res in zip(batch, results, strict=True):
+def _run(batch: list[tuple[Tuning, float, int, Config]], jobs, prune: Prune | None = None) -> None:
+    """Train a batch of (tuning, value, seed, config) in one ``run_many`` call per rung (``prune``: cells
+    far behind their own method's best stop there, ``pruning.py``) and one to the end; a row per run
+    into its tuning, a stopped run's with the epoch in ``pruned_at``."""
+
+    def run_batch(cfgs):
+        return run_many(cfgs, jobs=jobs, desc="tuning")
+
+    stopped, done = {}, {}
+    if prune is not None:
+        runs = [({"method": t.method, "value": value}, seed, cfg) for t, value, seed, cfg in batch]
+        stopped, done = prune_runs(runs, prune, run_batch, by=("method",))
+    rest = [i for i in range(len(batch)) if i not in done]
+    done |= dict(zip(rest, run_batch([batch[i][3] for i in rest]), strict=True))
+    for i, (t, value, seed, _) in enumerate(batch):
+        res = done[i]
         row = {"method": t.method, "param": t.key, "value": value, "seed": seed, "run_dir": res.get("run_dir")}
         if "history" in res:
             row |= run_metrics(res["history"])
         else:
             row |= {"val_top1": float("nan"), "error": res["error"]}
-        t.rows.append(row)
+        t.rows.append(row | ({"pruned_at": stopped[i]} if i in stopped else {}))
 
 
-def tune(bases: dict[str, Config], seeds=range(3), jobs: int | str = "auto") -> dict[str, Tuning]:
-    """Every method of ``bases`` (name -> its base config) tuned on validation; see the module docstring."""
+def tune(
+    bases: dict[str, Config], seeds=range(3), jobs: int | str = "auto", prune: Prune | None = None
+) -> dict[str, Tuning]:
+    """Every method of ``bases`` (name -> its base config) tuned on validation; see the module docstring.
+    ``prune``: each batch stops, at its rungs, the cells far behind their method's best (never the best)."""
     tunings = {}
     for name, base in bases.items():
         key = strength(base)
         recipe = recipe_value(base, key)
         tunings[name] = Tuning(base.method, key, recipe, [recipe * f for f in FACTORS])
-    _run([(t, v, s, _config(bases[n], t, v, s)) for n, t in tunings.items() for v in t.values for s in seeds], jobs)
+    first = [(t, v, s, _config(bases[n], t, v, s)) for n, t in tunings.items() for v in t.values for s in seeds]
+    _run(first, jobs, prune)
     for _ in range(MAX_EXTENSIONS + 1):
         batch = []
         for name, t in tunings.items():
@@ -114,7 +132,7 @@ def tune(bases: dict[str, Config], seeds=range(3), jobs: int | str = "auto") -> 
                 batch += [(t, nxt, s, _config(bases[name], t, nxt, s)) for s in seeds]
         if not batch:
             break
-        _run(batch, jobs)
+        _run(batch, jobs, prune)
     return tunings
 
 

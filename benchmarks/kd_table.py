@@ -42,6 +42,7 @@ from config import make_config  # noqa: E402
 from cost import measure_cost, processor  # noqa: E402
 from experiment import teacher_config  # noqa: E402
 from pairs import default_pair, get_pair, pair_config, pairs  # noqa: E402
+from pruning import Prune  # noqa: E402
 from published import published_frame  # noqa: E402
 from registry import METHODS, loss_methods  # noqa: E402
 from runs import make_loaders, run_lock, train  # noqa: E402
@@ -361,7 +362,7 @@ def tuned_runs(args) -> pd.DataFrame:
     extended), then each pick, CE and KD's pick at 5 seeds (``tuning.confirm``); one row per run."""
     bases = configs(args)
     tunable = {m: c for m, c in bases.items() if m != "ce"}
-    tunings = tune(tunable, seeds=range(args.seeds), jobs=args.jobs)
+    tunings = tune(tunable, seeds=range(args.seeds), jobs=args.jobs, prune=None if args.no_prune else Prune())
     grid = pd.DataFrame([r for t in tunings.values() for r in t.rows]).assign(stage="grid")
     confirmed = confirm(bases, tunings, seeds=range(args.confirm_seeds), jobs=args.jobs).assign(stage="confirm")
     df = pd.concat([grid, confirmed], ignore_index=True)
@@ -374,8 +375,8 @@ def tuned_runs(args) -> pd.DataFrame:
     df.insert(0, "pair", args.pair)
     df["teacher"] = os.path.basename(next(iter(bases.values())).teacher)
     df["commit"], df["processor"] = _commit(), processor()
-    keep = ["pair", "method", "param", "value", "seed", "stage", "picked", "pick_on_edge", "teacher", "val_top1",
-            "test_top1", "minutes_alone", FAILED, "error", "commit", "processor"]  # fmt: skip
+    keep = ["pair", "method", "param", "value", "seed", "stage", "picked", "pick_on_edge", "pruned_at", "teacher",
+            "val_top1", "test_top1", "minutes_alone", FAILED, "error", "commit", "processor"]  # fmt: skip
     return df[[c for c in keep if c in df]]
 
 
@@ -424,7 +425,15 @@ def write_tuned(df: pd.DataFrame, prefix: str) -> None:
         f"cell; a pick on the edge extended by x3 (at most {MAX_EXTENSIONS} times; `edge`: still on it); the "
         f"pick, CE and KD's pick then at {per_pick} seeds, whose last-epoch test top-1 is reported with paired "
         "differences (95% CI; a CI that spans 0 is within noise). `runs`: the method's tuning budget; "
-        "`minutes`: their training time had each run alone. From "
+        "`minutes`: their training time had each run alone. "
+        + (
+            "Grid cells far behind their method's best on validation stopped early (`pruning.Prune`: at 1/4 and "
+            "1/2 of the schedule, behind on every seed by more than noise and 2 points; the best never stops), "
+            f"{int(df['pruned_at'].notna().sum())} runs in all. "
+            if "pruned_at" in df and df["pruned_at"].notna().any()
+            else ""
+        )
+        + "From "
         f"`python benchmarks/kd_table.py --tune [--pair NAME]` at {commits}."
     )
     lines = [header]
@@ -468,6 +477,11 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--seeds", type=int, default=3, help="seeds per run (with --tune: per grid cell)")
     parser.add_argument("--tune", action="store_true", help="tune each method on validation, confirm at more seeds")
     parser.add_argument("--confirm-seeds", type=int, default=5, help="with --tune: seeds of each pick")
+    parser.add_argument(
+        "--no-prune",
+        action="store_true",
+        help="with --tune: train every grid cell in full (default: prune on validation)",
+    )
     parser.add_argument("--jobs", default="auto")
     parser.add_argument(
         "--compare-published", action="store_true", help="write <prefix>_vs_published.md from the CSV, train nothing"

@@ -78,3 +78,38 @@ def test_confirm_runs_each_pick_and_the_untuned_baselines_at_every_seed(fake_run
     df = tuning.confirm(bases, picked, seeds=range(5), jobs=1)
     assert sorted(df.groupby("method")["seed"].apply(list).items()) == [("at", list(range(5))), ("ce", list(range(5)))]
     assert all(c.params.get("feat_weight") == 3000.0 for c in fake_runs.configs if c.method == "at")
+
+
+class FakeEpochRuns(FakeRuns):
+    """As FakeRuns, but each run has per-epoch rows up to its ``stop_after`` (a rung) or its end."""
+
+    def run_many(self, configs, jobs="auto", desc=""):
+        self.configs.extend(configs)
+        out = []
+        for i, c in enumerate(configs):
+            val = super().metrics(c)["val_top1"]
+            epochs = range(1, (c.stop_after or c.epochs) + 1)
+            out.append({"run_dir": f"runs/{c.method}-{i}", "history": pd.DataFrame({"epoch": epochs, "val_top1": val})})
+        return out
+
+    def metrics(self, history):
+        return {"val_top1": float(history["val_top1"].iloc[-1]), "epochs": len(history)}
+
+
+def test_pruning_stops_cells_far_behind_their_own_methods_best(monkeypatch):
+    fake = FakeEpochRuns()
+    monkeypatch.setattr(tuning, "run_many", fake.run_many)
+    monkeypatch.setattr(tuning, "run_metrics", fake.metrics)
+    # at: 3000 is 15 points behind its best (1000); dkd's cells are within 1 point of each other but 5 below
+    # at's best: judged against at's best they would all stop, against their own none does
+    at = {1000 / 3: 74.0, 1000.0: 75.0, 3000.0: 60.0}
+    fake.score = lambda m, v, s: at[min(at, key=lambda k: abs(k - v))] if m == "at" else 70 - abs(v - 2) / 12
+    bases = {m: make_config("smoke", method=m, epochs=30, val_size=200) for m in ("at", "dkd")}
+    t = tuning.tune(bases, seeds=range(3), jobs=1, prune=tuning.Prune())
+    rows = pd.DataFrame(t["at"].rows + t["dkd"].rows)
+    pruned = rows[rows["pruned_at"].notna()]
+    assert set(zip(pruned["method"], pruned["value"], strict=True)) == {("at", 3000.0)}
+    assert set(pruned["pruned_at"]) == {8}
+    assert set(pruned["epochs"]) == {8}  # its row is the run as it stopped
+    assert t["at"].pick == 1000.0 and t["dkd"].pick == pytest.approx(2.0)
+    assert all(r["epochs"] == 30 for r in t["dkd"].rows)  # every dkd cell trained in full
