@@ -93,6 +93,9 @@ __all__ = [
 # ``--group ensemble``: --members students trained separately with --method, averaged. Every other
 # group is a registered method with a group runner (``registry.group_methods``).
 ENSEMBLE = "ensemble"
+# ``--group class_specialists``: a generalist trained with --method, and --members class-subset specialists
+CLASS_SPECIALISTS = "class_specialists"
+SEPARATE = (ENSEMBLE, CLASS_SPECIALISTS)  # groups of ordinary runs, trained with --method
 
 
 def evaluate_group(models: Sequence[nn.Module], loader, teacher_logits=None, amp: bool = False) -> dict:
@@ -227,8 +230,12 @@ def evaluate_class_specialists(group: ClassSpecialists, loader, top_n: int = 1, 
 # ----------------------------------------------------------------------------- command line
 
 
-def run_group(cfg: Config, group: str, head_epochs: int = 10) -> dict:
-    """Train (or reuse) the group ``group`` and return its test metrics (``evaluate_group``)."""
+def run_group(cfg: Config, group: str, head_epochs: int = 10, group_size: int = 2) -> dict:
+    """Train (or reuse) the group ``group`` and return its test metrics (``evaluate_group``; for
+    class specialists ``evaluate_class_specialists``, ``cfg.members`` groups of ``group_size`` classes)."""
+    if group == CLASS_SPECIALISTS:
+        found = train_class_specialists(cfg, cfg.members, group_size, jobs=1)
+        return {"groups": found.groups, **evaluate_class_specialists(found, make_loaders(cfg).test)}
     if group == ENSEMBLE:  # members trained separately with --method (ce: independent, kd: distilled)
         models = [r.model for r in train_ensemble(cfg, cfg.members)]
     else:
@@ -246,12 +253,15 @@ def main(argv=None) -> dict:
     group = parser.add_argument_group("group")
     group.add_argument(
         "--group",
-        choices=[ENSEMBLE, *group_methods()],
+        choices=[*SEPARATE, *group_methods()],
         default="dml",
         help="ensemble: --members students trained separately with --method (ce or kd) and averaged; "
-        "dml / dml+kd: one cohort trained together; specialists: two stages on the teacher's embedding",
+        "dml / dml+kd: one cohort trained together; specialists: two stages on the teacher's embedding; "
+        "class_specialists: a generalist (--method) and --members specialists on the teacher's most-confused "
+        "classes, combined by Hinton et al.'s rule",
     )
     group.add_argument("--head-epochs", type=int, default=10, help="specialists: epochs of the head stage")
+    group.add_argument("--group-size", type=int, default=2, help="class_specialists: classes per specialist")
 
     from distiller import check_run_folder
     from sweeps import RunsFailed
@@ -259,20 +269,24 @@ def main(argv=None) -> dict:
     def body(args) -> tuple[str, Config, dict]:
         width_given = hasattr(args, "width")
         cfg = config_from_args(args)
-        method = cfg.method if args.group == ENSEMBLE else args.group
-        if METHODS.get(method).needs_teacher and not cfg.teacher:
+        method = cfg.method if args.group in SEPARATE else args.group
+        teacher_needed = METHODS.get(method).needs_teacher or args.group == CLASS_SPECIALISTS
+        if teacher_needed and not cfg.teacher:
             raise ValueError(f"--group {args.group} (method {method}) needs --teacher RUN_OR_CHECKPOINT")
-        if cfg.name and {ENSEMBLE: cfg.members > 1, "specialists": True}.get(args.group, False):
+        several = {ENSEMBLE: cfg.members > 1, "specialists": True, CLASS_SPECIALISTS: True}
+        if cfg.name and several.get(args.group, False):
             raise ValueError(
                 f"argument --name: --group {args.group} trains several runs, each in a folder named for its "
                 f"config; drop --name {cfg.name}"
             )
+        networks = cfg.members + 1 if args.group == CLASS_SPECIALISTS else cfg.members  # + the generalist
         if cfg.budget and not width_given:
-            cfg = replace(cfg, width=budget_width(cfg, cfg.members, args.group))
+            group = ENSEMBLE if args.group in SEPARATE else args.group
+            cfg = replace(cfg, width=budget_width(cfg, networks, group))
         # a named run whose folder holds another config's run: refused before anything is written
-        check_run_folder(ensemble_configs(cfg, 1)[0] if args.group == ENSEMBLE else replace(cfg, method=args.group))
+        check_run_folder(ensemble_configs(cfg, 1)[0] if args.group in SEPARATE else replace(cfg, method=args.group))
         try:
-            return args.group, cfg, run_group(cfg, args.group, args.head_epochs)
+            return args.group, cfg, run_group(cfg, args.group, args.head_epochs, args.group_size)
         except RunsFailed as err:  # failed members: a message (their folders keep what was saved)
             raise ValueError(str(err)) from err
 
