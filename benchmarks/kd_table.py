@@ -502,7 +502,9 @@ def main(argv=None) -> pd.DataFrame:
     if args.cost:
         costs = step_costs(args)
         costs.insert(0, "pair", args.pair)
-        costs = merged(f"{args.prefix}_cost.csv", costs, ["pair", "method"])  # other rows kept
+        costs.insert(2, "teacher_amp", args.teacher_amp)
+        # other rows kept: other pairs, methods, teacher precisions and processors
+        costs = merged(f"{args.prefix}_cost.csv", costs, ["pair", "method", "teacher_amp", "processor"])
         print(costs.round(3).to_string(index=False))
         return costs
     done = with_pair(pd.read_csv(f"{args.prefix}.csv")) if os.path.isfile(f"{args.prefix}.csv") else None
