@@ -441,6 +441,8 @@ def write_tuned(df: pd.DataFrame, prefix: str) -> None:
         (tm, tw), (sm, sw) = get_pair("cpu", name).teacher, get_pair("cpu", name).student
         lines += ["", f"### {name}: {tm} x{tw:g} teacher, {sm} x{sw:g} student", ""]
         lines.append(markdown(tuned_table(df[df["pair"] == name]).round(2)))
+        runs = df[df["pair"] == name].drop_duplicates(["method", "value", "seed"])  # a pick's grid runs count once
+        lines += ["", cost_line(runs) + " The recipe's cells are the untuned table's runs, counted here too."]
     with open(f"{prefix}.md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
