@@ -37,7 +37,7 @@ import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from analysis import FAILED, ci95, compare_columns, minutes_alone  # noqa: E402
+from analysis import FAILED, ci95, compare_columns, compare_nested, minutes_alone  # noqa: E402
 from config import make_config  # noqa: E402
 from cost import measure_cost, processor  # noqa: E402
 from experiment import teacher_config  # noqa: E402
@@ -86,15 +86,17 @@ def scaled(cfg) -> dict:
 
 
 def run(args) -> pd.DataFrame:
-    cfgs = configs(args)
-    cached = [m for m, c in cfgs.items() if c.teacher_cache]
-    online = [m for m in cfgs if m not in cached]
-    parts = [_sweep(cfgs[group[0]], group, args) for group in (cached, online) if group]
+    parts = []
+    for teacher_seed in args.teacher_seeds:  # students nested in teachers: every method under each
+        cfgs = configs(args, teacher_seed)
+        cached = [m for m, c in cfgs.items() if c.teacher_cache]
+        online = [m for m in cfgs if m not in cached]
+        teacher = os.path.basename(next(iter(cfgs.values())).teacher)
+        parts += [_sweep(cfgs[group[0]], group, args).assign(teacher=teacher) for group in (cached, online) if group]
     df = pd.concat(parts, ignore_index=True)
     df.insert(0, "pair", args.pair)
     trained = [d for d in df["run_dir"] if os.path.isfile(os.path.join(d, "checkpoint.pt"))]
     df["minutes_alone"] = df["run_dir"].map(minutes_alone(trained))
-    df["teacher"] = os.path.basename(next(iter(cfgs.values())).teacher)
     df["commit"] = _commit()
     df["processor"] = processor()  # runs on two kinds of processor differ in their bits: do not pair them
     keep = [
@@ -113,11 +115,12 @@ def run(args) -> pd.DataFrame:
     return df[[c for c in keep if c in df]]
 
 
-def configs(args) -> dict:
+def configs(args, teacher_seed: int = 0) -> dict:
     """Each method's run config as the table trains it: cached logits for logit methods, a bf16
-    teacher online for the others, the recipe's epoch and image counts scaled to the run."""
+    teacher online for the others, the recipe's epoch and image counts scaled to the run; the
+    pair's teacher of ``teacher_seed`` (model and data-stream seed), trained first if need be."""
     cfg = base_config(args)
-    teacher = train(teacher_config(cfg))
+    teacher = train(replace(teacher_config(cfg), seed=teacher_seed, data_seed=teacher_seed))
     cfg = replace(cfg, teacher=teacher.run_dir, **scaled(cfg))
     out = {}
     for m in args.methods or methods():
@@ -171,15 +174,47 @@ def table(df: pd.DataFrame) -> pd.DataFrame:
     for base in ("ce", "kd"):
         if base not in set(ok["method"]):
             continue
-        diffs = compare_columns(ok, by="method", baseline=base, columns=["val_top1"]).xs("val_top1", level=1)
+        diffs = _differences(ok, base)
         out[f"vs {base}"] = diffs["diff"]
         ci = diffs["ci_low"].map("{:+.2f}".format) + " to " + diffs["ci_high"].map("{:+.2f}".format)
         out[f"vs {base} 95% CI"] = ci
         out[f"vs {base} verdict"] = diffs["verdict"]
+        if "same_verdict" in diffs:
+            out[f"vs {base}: every teacher agrees"] = diffs["same_verdict"]
     return out.sort_values("val_top1", ascending=False)
 
 
+def _differences(ok: pd.DataFrame, base: str) -> pd.DataFrame:
+    """Each method's paired validation difference to ``base``: by seed under one teacher; with several,
+    students nested in teachers (``analysis.compare_nested``: the pooled row, and whether every
+    teacher's own verdict agrees)."""
+    if ok["teacher"].nunique() < 2:
+        return compare_columns(ok, by="method", baseline=base, columns=["val_top1"]).xs("val_top1", level=1)
+
+    def by_teacher(method):
+        rows = ok[ok["method"] == method]
+        return {t: dict(zip(g["seed"], g["val_top1"], strict=True)) for t, g in rows.groupby("teacher")}
+
+    rows = {}
+    for method in dict.fromkeys(ok["method"]):
+        if method == base:
+            continue
+        a, b = by_teacher(method), by_teacher(base)
+        shared = sorted(set(a) & set(b))
+        nested = compare_nested({t: a[t] for t in shared}, {t: b[t] for t in shared})
+        rows[method] = nested.loc["pooled"].to_dict() | {"same_verdict": bool(nested["same_verdict"].iloc[0])}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
 VERDICTS = ("vs ce verdict", "vs kd verdict")
+
+
+def _teachers_said(df: pd.DataFrame) -> str:
+    """ "teacher seed 0" where each pair has one teacher, else how many each has (a CSV holds run folders' names)."""
+    counts = df.groupby("pair")["teacher"].nunique()
+    if counts.max() <= 1:
+        return "teacher seed 0"
+    return "teachers per pair: " + ", ".join(f"{p} {n}" for p, n in counts.items())
 
 
 def cost_line(df: pd.DataFrame, cores: int = 2) -> str:
@@ -257,8 +292,10 @@ def write(df: pd.DataFrame, prefix: str) -> None:
     where = ", ".join(sorted(set(df["processor"]))) if "processor" in df else "an unrecorded processor"
     lines = [
         "Untuned: every method at its released recipe, validation top-1 of the last epoch (cpu profile, "
-        f"3 seeds, teacher seed 0), from `python benchmarks/kd_table.py [--pair NAME]` at {commits}. Differences "
-        "are paired by seed; a CI that spans 0 is within noise. Logit methods read the teacher's cached logits, "
+        f"3 seeds, {_teachers_said(df)}), from `python benchmarks/kd_table.py [--pair NAME]` at {commits}. "
+        "Differences are paired by seed (with several teachers, students nested in teachers: the mean of the "
+        "teachers' paired differences, its CI over teachers); a CI that spans 0 is within noise. Logit methods "
+        "read the teacher's cached logits, "
         "the others run it online under bf16 autocast. `minutes`: one run, had it run alone (CPU time). "
         f"Processor: {where}.",
     ]
@@ -477,6 +514,13 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--data-dir", default="./data")
     parser.add_argument("--out-dir", default="runs")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per run (with --tune: per grid cell)")
+    parser.add_argument(
+        "--teacher-seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="the pair's teachers (each trained once): every method's students under each, compared nested",
+    )
     parser.add_argument("--tune", action="store_true", help="tune each method on validation, confirm at more seeds")
     parser.add_argument("--confirm-seeds", type=int, default=5, help="with --tune: seeds of each pick")
     parser.add_argument(

@@ -74,6 +74,26 @@ def test_kd_table_rebuilds_one_table_per_pair_from_its_csv(tmp_path):
     assert "### vgg13-mv2 (2 methods" in open(f"{prefix}_vs_published.md").read()
 
 
+def test_kd_table_nests_students_in_teachers_when_a_pair_has_two(tmp_path):
+    """Hand values: CE 60, 61, 62 under both teachers (it reads none); KD +2 on every seed under t0 and
+    +1 under t1. Pooled: mean(2, 1) = 1.5, sd 0.707, se 0.5, t_.975(1) = 12.706: 1.5 ± 6.353, within
+    noise, though each teacher alone says higher."""
+    import pandas as pd
+
+    rows = []
+    for teacher, gain in (("t0", 2.0), ("t1", 1.0)):
+        rows += [dict(method="ce", seed=s, teacher=teacher, val_top1=60.0 + s) for s in range(3)]
+        rows += [dict(method="kd", seed=s, teacher=teacher, val_top1=60.0 + s + gain) for s in range(3)]
+    df = pd.DataFrame(rows).assign(pair="vgg16-vgg11", test_top1=50.0, minutes_alone=1.0, commit="c", processor="p")
+    t = _kd_table().table(df)
+    assert t.loc["kd", "vs ce"] == pytest.approx(1.5) and t.loc["kd", "runs"] == 6
+    assert t.loc["kd", "vs ce 95% CI"] == "-4.85 to +7.85" and t.loc["kd", "vs ce verdict"] == "within noise"
+    assert bool(t.loc["kd", "vs ce: every teacher agrees"])
+    prefix = str(tmp_path / "untuned")
+    _kd_table().write(df, prefix)
+    assert "teachers per pair: vgg16-vgg11 2" in open(f"{prefix}.md").read()
+
+
 def test_kd_table_tuned_summary_by_hand():
     """Budget = distinct runs (confirmation seeds that repeat a grid cell count once); test of the pick at the
     confirmation seeds, paired with CE by seed: at − ce = +1, +2, +3."""
