@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from analysis import FAILED, ci95, compare_columns, compare_nested, minutes_alone  # noqa: E402
 from config import make_config  # noqa: E402
 from cost import measure_cost, processor  # noqa: E402
-from experiment import teacher_config  # noqa: E402
+from experiment import teacher_config, teacher_seeds  # noqa: E402
 from pairs import default_pair, get_pair, pair_config, pairs  # noqa: E402
 from pruning import Prune  # noqa: E402
 from published import published_frame  # noqa: E402
@@ -120,7 +120,9 @@ def configs(args, teacher_seed: int = 0) -> dict:
     teacher online for the others, the recipe's epoch and image counts scaled to the run; the
     pair's teacher of ``teacher_seed`` (model and data-stream seed), trained first if need be."""
     cfg = base_config(args)
-    teacher = train(replace(teacher_config(cfg), seed=teacher_seed, data_seed=teacher_seed))
+    # seed 0 is the pair's own teacher (2 threads, as the demo's); others are the notebooks' extra teacher
+    # seeds (``experiment.teacher_seeds``: 1 thread), so both read back the same folders
+    teacher = train(teacher_config(cfg)) if teacher_seed == 0 else teacher_seeds(cfg, [teacher_seed])[0]
     cfg = replace(cfg, teacher=teacher.run_dir, **scaled(cfg))
     out = {}
     for m in args.methods or methods():
