@@ -168,8 +168,9 @@ def main(argv=None) -> dict:
         report.update(profile="smoke" if args.quick else "cpu", epochs=1 if args.quick else args.epochs)
         for row in args.rows:
             report[row] = ROWS[row](args, teacher)
-            if isinstance(report[row], dict):  # rows kept from an earlier run keep their own provenance
-                report[row].update(commit=_commit(), processor=processor())
+            # rows kept from an earlier run keep their own provenance
+            for part in report[row] if isinstance(report[row], list) else [report[row]]:
+                part.update(commit=_commit(), processor=processor())
         report["timing_columns_ignored"] = TIMING_COLUMNS
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
