@@ -28,6 +28,7 @@ nothing here is picked, and the table is labelled untuned.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import subprocess
 import sys
@@ -494,13 +495,17 @@ def markdown(t: pd.DataFrame) -> str:
     return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in rows)
 
 
+@functools.cache
 def _commit() -> str:
+    """The commit (and whether the tree had changes) of the code this process runs: read once, when
+    ``main`` starts, not when rows are written hours later."""
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=DOCS)
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
     return out.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 def main(argv=None) -> pd.DataFrame:
+    _commit()  # the code this process runs, before anything can change the tree
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke profile on generated data")
     parser.add_argument("--table-only", action="store_true", help="rebuild the table from the CSV, train nothing")
