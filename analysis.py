@@ -346,9 +346,7 @@ def compare_columns(
         if group == baseline:
             continue
         for col in columns:
-            c = compare(values(group, col), values(baseline, col))
-            out[(group, col)] = {"n": c.n, "diff": c.diff, "ci_low": c.ci_low, "ci_high": c.ci_high, "p": c.p}
-            out[(group, col)]["verdict"] = c.verdict(bound)
+            out[(group, col)] = _paired_row(compare(values(group, col), values(baseline, col)), bound)
     return pd.DataFrame.from_dict(out, orient="index")
 
 
@@ -362,14 +360,8 @@ def compare_table(
         if name == baseline:
             continue
         c = compare(runs, groups[baseline], metric)
-        rows[f"{name} − {baseline}"] = {
-            "n": c.n,
-            "diff": c.diff,
-            "ci_low": c.ci_low,
-            "ci_high": c.ci_high,
-            "p": c.p,
-            "verdict": c.verdict(bound, words=("better", "worse")),
-            "failed_seeds": ", ".join(map(str, c.failed)),
+        rows[f"{name} − {baseline}"] = _paired_row(c, bound, ("better", "worse")) | {
+            "failed_seeds": ", ".join(map(str, c.failed))
         }
     table = pd.DataFrame.from_dict(rows, orient="index")
     if not any(r["failed_seeds"] for r in rows.values()):
@@ -391,25 +383,24 @@ def compare_nested(
     if set(a) != set(b):
         raise ValueError(f"a has teachers {sorted(a)}, b has {sorted(b)}: both sides need the same teachers")
     per = {t: compare(a[t], b[t], metric) for t in a}
-    rows = {t: _paired_row(c, bound) for t, c in per.items()}
+    rows = {t: {"mean_a": c.mean_a, "mean_b": c.mean_b} | _paired_row(c, bound) for t, c in per.items()}
     pooled = compare([c.diff for c in per.values()], [0.0] * len(per))
     means = {k: float(np.mean([getattr(c, k) for c in per.values()])) for k in ("mean_a", "mean_b")}
-    rows["pooled"] = _paired_row(pooled, bound) | means
+    rows["pooled"] = means | _paired_row(pooled, bound)
     table = pd.DataFrame.from_dict(rows, orient="index")
     table["same_verdict"] = len({rows[t]["verdict"] for t in per}) == 1
     return table
 
 
-def _paired_row(c: Paired, bound: float | None) -> dict:
+def _paired_row(c: Paired, bound: float | None, words: tuple[str, str] = ("higher", "lower")) -> dict:
+    """A comparison as a table row: n, the mean difference, its 95% CI, p and the verdict."""
     return {
         "n": c.n,
-        "mean_a": c.mean_a,
-        "mean_b": c.mean_b,
         "diff": c.diff,
         "ci_low": c.ci_low,
         "ci_high": c.ci_high,
         "p": c.p,
-        "verdict": c.verdict(bound),
+        "verdict": c.verdict(bound, words),
     }
 
 

@@ -25,7 +25,7 @@ def teacher_key(cfg: Config) -> tuple | None:
     """What distilling runs must share to read one teacher's outputs: its weights, its precision,
     and whether they come from the cache (None: the run reads no teacher)."""
     method = METHODS.get(cfg.method)
-    if method.build is None and method.make_task is None or not method.needs_teacher:
+    if not method.needs_teacher or (method.build is None and method.make_task is None):
         return None
     cached = cfg.teacher_cache and not method.needs_features
     return file_digest(cfg.teacher), cfg.teacher_amp, cached, cfg.cache_dtype if cached else None

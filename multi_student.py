@@ -196,7 +196,7 @@ def train_class_specialists(
     check_budget(
         ensemble(data_utils.DATASETS[cfg.dataset].num_classes, cfg.width, cfg.model, k + 1),
         cfg.budget,
-        (f"a generalist and {k} specialists, {cfg.model} x{cfg.width:g}"),
+        f"a generalist and {k} specialists, {cfg.model} x{cfg.width:g}",
     )
     generalist = run_all([replace(cfg, budget=0)], jobs=1)[0]
     groups = teacher_groups(cfg, k, size)
