@@ -304,12 +304,16 @@ def failed_rows(df: pd.DataFrame) -> pd.Series:
     return df[FAILED].map(lambda v: isinstance(v, str) and bool(v))
 
 
-def cell_table(df: pd.DataFrame, keys: Sequence[str], columns=("val_top1", "test_top1")) -> pd.DataFrame:
-    """A sweep's cells (one row each, ``keys`` as the index): n, and each column's mean and 95% CI half-width
-    over seeds; the cell picked on validation (``best``) is flagged. Failed runs are left out of
-    ``n`` and the means; ``failed`` counts each cell's (0 where none did), and where any run failed,
-    ``failed_seeds`` names them.
+def cell_table(df: pd.DataFrame, keys: Sequence[str] | None = None, columns=("val_top1", "test_top1")) -> pd.DataFrame:
+    """A sweep's cells (one row each, ``keys`` as the index; default: the fields the sweep swept): n,
+    and each column's mean and 95% CI half-width over seeds; the cell picked on validation (``best``)
+    is flagged. Failed runs are left out of ``n`` and the means; ``failed`` counts each cell's (0
+    where none did), and where any run failed, ``failed_seeds`` names them.
     A cell a pruned sweep stopped early shows the epoch in ``pruned_at``: its accuracies are from there."""
+    if keys is None:
+        if "keys" not in df.attrs:
+            raise ValueError("this table does not say which fields it swept: pass keys=[...] (e.g. ['T', 'kd_weight'])")
+        keys = df.attrs["keys"]
     failed = failed_rows(df)
     trained = df[~failed]
     groups = trained.groupby(list(keys))

@@ -250,27 +250,53 @@ def _not_a_key(key: str) -> ValueError:
     return ValueError(f"grid key {key!r} is not a config field or method parameter; valid: {', '.join(config_keys())}")
 
 
+def grid_fields(grid: dict[str, list]) -> list[str]:
+    """The Config fields a grid sets, in order: a joined key (``"ce_weight,kd_weight"``) gives each of its fields."""
+    return [field.strip() for key in grid for field in key.split(",")]
+
+
+def _cells(grid: dict[str, list]) -> list[dict]:
+    """Every combination of the grid's axes; a joined key's values are tuples that set its fields together."""
+    axes = []
+    for key, values in grid.items():
+        fields = [f.strip() for f in key.split(",")]
+        if len(fields) == 1:
+            axes.append([{fields[0]: v} for v in values])
+            continue
+        for v in values:
+            if not isinstance(v, (tuple, list)) or len(v) != len(fields):
+                raise ValueError(
+                    f"grid axis {key!r} sets {len(fields)} fields together: give each value as a tuple of "
+                    f"{len(fields)}, e.g. {{{key!r}: [{tuple(range(len(fields)))}]}}; got {v!r}"
+                )
+        axes.append([dict(zip(fields, v, strict=True)) for v in values])
+    return [{k: v for part in combo for k, v in part.items()} for combo in itertools.product(*axes)]
+
+
 def expand_grid(cfg: Config, grid: dict[str, list], seeds) -> list[tuple[dict, int, Config]]:
     """Every (cell, seed, config) of a grid, checked before anything runs.
 
-    A cell sets the grid's Config fields; a seed sets ``seed`` and ``data_seed`` together, so
-    two cells with the same seed are paired (same initialisation, same data stream).
+    A cell sets the grid's Config fields; a key joining several fields with commas
+    (``{"ce_weight,kd_weight": [(0.5, 0.5), (0.0, 1.0)]}``) sets them together, one tuple per
+    value. A seed sets ``seed`` and ``data_seed`` together, so two cells with the same seed are
+    paired (same initialisation, same data stream).
     """
     known = config_keys()
     if not grid or any(len(list(v)) == 0 for v in grid.values()):
         raise ValueError(f"empty grid {grid!r}: give each swept field at least one value, e.g. {{'T': [1, 2, 4]}}")
-    for key in grid:
+    fields = grid_fields(grid)
+    for key in fields:
         if key not in known:
             raise _not_a_key(key)
         if key in ("seed", "data_seed"):
             raise ValueError("seeds are not a grid field: pass seeds=... (each seed sets seed and data_seed)")
+    if len(set(fields)) != len(fields):
+        raise ValueError(f"grid {list(grid)} sets a field twice: give each field one axis")
     seeds = list(seeds)
     if not seeds:
         raise ValueError("no seeds: pass seeds=range(3) or similar")
-    keys = list(grid)
     out = []
-    for values in itertools.product(*(list(grid[k]) for k in keys)):
-        cell = dict(zip(keys, values, strict=True))
+    for cell in _cells(grid):
         for seed in seeds:
             run_cfg = replace(cfg, **cell, seed=seed, data_seed=seed, name="", threads=cfg.threads or 1)
             check_config(run_cfg)
@@ -287,6 +313,8 @@ def sweep(
     run=None,
     cohorts: bool = True,
     prune: Prune | None = None,
+    extend: dict[str, float] | None = None,
+    max_extensions: int = 2,
 ) -> pd.DataFrame:
     """Train every cell of ``grid`` × ``seeds`` (in parallel) and return one row per run.
 
@@ -306,7 +334,43 @@ def sweep(
     With ``prune`` (a ``pruning.Prune``), cells far behind the best on validation stop at a rung
     (``pruning.py`` states the rule); their rows stay, with the epoch in column ``pruned_at``, and
     they cannot be picked. The same sweep without ``prune`` resumes them to the end.
+
+    ``extend`` (``{"T": 2.0}``): axes whose pick must not sit on the edge of the values tried. When
+    the picked value is the largest (smallest) tried, the axis gets the value times (divided by)
+    its factor, for every cell of the other axes, and the pick is made again; at most
+    ``max_extensions`` times per axis. The rows then cover the extended grid, and
+    ``df.attrs["extended"]`` lists the values each axis gained (a pick still on an edge after
+    ``max_extensions`` is said in ``attrs["edge"]``).
     """
+    grid = {k: list(v) for k, v in grid.items()}
+    for axis in extend or {}:
+        if axis not in grid or "," in axis:
+            raise ValueError(f"extend={extend!r}: {axis!r} is not a single-field axis of the grid {list(grid)}")
+    added: dict[str, list] = {axis: [] for axis in extend or {}}
+    while True:
+        df = _sweep_grid(cfg, grid, seeds, jobs, best_by, run, cohorts, prune)
+        nxt = {a: _past_edge(grid[a], df.attrs["best"][a], f) for a, f in (extend or {}).items()}
+        grow = {a: v for a, v in nxt.items() if v is not None and len(added[a]) < max_extensions}
+        if not grow:
+            break
+        for axis, value in grow.items():
+            grid[axis].append(value)
+            added[axis].append(value)
+    df.attrs["extended"] = added
+    df.attrs["edge"] = {a: df.attrs["best"][a] for a, v in nxt.items() if v is not None}
+    return df
+
+
+def _past_edge(values: list, pick, factor: float):
+    """The value one step past ``pick`` when it is the largest or smallest of ``values``, else None."""
+    if pick == max(values):
+        return float(pick) * factor
+    if pick == min(values):
+        return float(pick) / factor
+    return None
+
+
+def _sweep_grid(cfg, grid, seeds, jobs, best_by, run, cohorts, prune) -> pd.DataFrame:
     runs = expand_grid(cfg, grid, seeds)
     stopped, partial = {}, {}
     if prune is not None:
@@ -346,7 +410,9 @@ def sweep(
         )
         err.results = df
         raise err
-    return mark_best(df, list(grid), best_by)
+    df = mark_best(df, grid_fields(grid), best_by)
+    df.attrs["keys"] = grid_fields(grid)
+    return df
 
 
 def run_metrics(history: pd.DataFrame) -> dict:

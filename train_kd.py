@@ -185,7 +185,7 @@ def _main_sweep(cfg: Config, grid: dict, seeds, jobs, prune: Prune | None = None
         if isinstance(err, RunsFailed) or hasattr(err, "results"):
             raise ValueError(str(err)) from err
         raise
-    keys = list(grid)
+    keys = df.attrs["keys"]
     print(f"\nsweep: {len(df)} runs, table: {df.attrs['path']}")
     print(cell_table(df, keys).round(2).to_string())
     if "pruned_at" in df and df["pruned_at"].notna().any():

@@ -184,6 +184,41 @@ def test_a_crashed_run_is_reported_and_the_others_finish(smoke_cfg):
     assert len(done) == 2 and done["error"].isna().all() if "error" in done else len(done) == 2
 
 
+def peak_at_t6(cfg):
+    """A stand-in run (module level: workers import it) whose validation accuracy peaks at T = 6 and,
+    for every T, is higher for the (0.5, 0.5) weights than for (0.0, 1.0)."""
+    val = 70 - abs(cfg.T - 6.0) + (1.0 if cfg.ce_weight == 0.5 else 0.0) + 0.1 * cfg.seed
+    history = pd.DataFrame(
+        {"epoch": [1], "val_top1": [val], "val_loss": [1.0], "test_top1": [val], "test_top5": [99.0], "seconds": [1.0]}
+    )
+    return SimpleNamespace(
+        run_dir=os.path.join(cfg.out_dir, f"fake-T{cfg.T:g}-w{cfg.ce_weight:g}-s{cfg.seed}"), history=history
+    )
+
+
+def test_a_joined_axis_sets_fields_together_and_an_edge_pick_is_extended(smoke_cfg):
+    base = smoke_cfg(method="kd", teacher="runs/none", epochs=1)
+    grid = {"T": [1.0, 2.0], "ce_weight,kd_weight": [(0.5, 0.5), (0.0, 1.0)]}
+    df = sweep(base, grid, seeds=[0, 1], jobs=1, run=peak_at_t6, extend={"T": 2.0})
+    # T = 2 is the upper edge: 4 is added, still the edge, then 8, where the pick (T = 4 or 8: |T - 6| = 2) stops
+    assert df.attrs["extended"] == {"T": [4.0, 8.0]} and df.attrs["edge"] == {}
+    assert df.attrs["keys"] == ["T", "ce_weight", "kd_weight"]
+    assert len(df) == 4 * 2 * 2 and set(zip(df["ce_weight"], df["kd_weight"], strict=True)) == {(0.5, 0.5), (0.0, 1.0)}
+    assert df.attrs["best"] == {"T": 4.0, "ce_weight": 0.5, "kd_weight": 0.5}  # ties break to the first
+    cells = analysis.cell_table(df)
+    assert cells.index.names == ["T", "ce_weight", "kd_weight"] and (cells["n"] == 2).all()
+    assert cells.loc[(8.0, 0.0, 1.0), "val_top1"] == pytest.approx(68.05)
+    # at most max_extensions steps: the pick stays on the edge, and the table says so
+    capped = sweep(base, {"T": [1.0, 2.0]}, seeds=[0], jobs=1, run=peak_at_t6, extend={"T": 2.0}, max_extensions=1)
+    assert capped.attrs["extended"] == {"T": [4.0]} and capped.attrs["edge"] == {"T": 4.0}
+    with pytest.raises(ValueError, match="sets 2 fields together"):
+        sweep(base, {"ce_weight,kd_weight": [0.5]}, seeds=[0], run=peak_at_t6)
+    with pytest.raises(ValueError, match="not a single-field axis"):
+        sweep(base, grid, seeds=[0], run=peak_at_t6, extend={"kd_weight": 2.0})
+    with pytest.raises(ValueError, match="sets a field twice"):
+        sweep(base, {"T": [1.0], "T,kd_weight": [(1.0, 1.0)]}, seeds=[0], run=peak_at_t6)
+
+
 @pytest.mark.parametrize(
     "grid, kwargs, message",
     [
