@@ -8,6 +8,7 @@ numbers; nothing imports the training code, so results can be analysed without t
     mean_std_table({"kd": runs})     one row per group: n, mean ± 95% CI half-width, std
     compare(kd_runs, ce_runs)        paired by seed: mean difference, 95% CI, p (paired t-test);
                                      .verdict(bound): higher / lower / equivalent (TOST) / within noise
+    paired_table({"kd − ce": (kd, ce)}) a section's comparisons, one row each (compare_table: all vs one)
     compare_nested({t: kd}, {t: ce}) students nested in teachers: per teacher, and pooled over them
     cell_table(sweep_df, ["T"])      a sweep's cells: mean and 95% CI per cell, the pick flagged
     minutes_alone(run_dirs)          each run's training minutes had it run alone (the cost of a notebook)
@@ -354,23 +355,29 @@ def compare_columns(
     return pd.DataFrame.from_dict(out, orient="index")
 
 
-def compare_table(
-    groups: Mapping[str, Sequence], baseline: str, metric: str = "last_top1", bound: float | None = None
+def paired_table(
+    pairs: Mapping[str, tuple[Sequence, Sequence]], metric: str = "last_top1", bound: float | None = None
 ) -> pd.DataFrame:
-    """Each group against ``baseline``, paired by seed: one row of ``compare`` per group, its verdict
-    ``Paired.verdict(bound)`` (where a run failed, column ``failed_seeds`` names the seeds left out)."""
+    """Named comparisons ``{"KD − independent": (kd_runs, independent_runs)}``, each ``a - b`` paired
+    by seed: one row per name with n, the mean difference, its 95% CI, p and ``Paired.verdict(bound)``
+    (where a run failed, column ``failed_seeds`` names the seeds left out). A section's comparisons
+    in one table."""
     rows = {}
-    for name, runs in groups.items():
-        if name == baseline:
-            continue
-        c = compare(runs, groups[baseline], metric)
-        rows[f"{name} − {baseline}"] = _paired_row(c, bound, ("better", "worse")) | {
-            "failed_seeds": ", ".join(map(str, c.failed))
-        }
+    for name, (a, b) in pairs.items():
+        c = compare(a, b, metric)
+        rows[name] = _paired_row(c, bound, ("better", "worse")) | {"failed_seeds": ", ".join(map(str, c.failed))}
     table = pd.DataFrame.from_dict(rows, orient="index")
     if not any(r["failed_seeds"] for r in rows.values()):
         table = table.drop(columns="failed_seeds", errors="ignore")
     return table
+
+
+def compare_table(
+    groups: Mapping[str, Sequence], baseline: str, metric: str = "last_top1", bound: float | None = None
+) -> pd.DataFrame:
+    """Each group against ``baseline``, paired by seed (``paired_table``): one row per group."""
+    pairs = {f"{name} − {baseline}": (runs, groups[baseline]) for name, runs in groups.items() if name != baseline}
+    return paired_table(pairs, metric, bound)
 
 
 def compare_nested(

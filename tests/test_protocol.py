@@ -309,6 +309,14 @@ def test_compare_pairs_runs_by_seed_and_says_within_noise():
         analysis.compare(_runs({5: 1.0}), b)
     table = analysis.compare_table({"ce": b, "kd": a}, baseline="ce")
     assert table.loc["kd − ce", "verdict"] == "within noise" and table.loc["kd − ce", "n"] == 3
+    # named pairs, each its own baseline: b - a is the opposite of a - b, and each row is compare's
+    both = analysis.paired_table({"a − b": (a, b), "b − a": (b, a)}, bound=5.0)
+    assert both.loc["a − b", "diff"] == pytest.approx(c.diff) and both.loc["b − a", "diff"] == pytest.approx(-c.diff)
+    assert (both.loc["a − b", "ci_low"], both.loc["a − b", "ci_high"]) == (
+        pytest.approx(c.ci_low),
+        pytest.approx(c.ci_high),
+    )
+    assert set(both["verdict"]) == {"equivalent (±5)"}
 
 
 def test_equivalence_is_tost_on_the_90_percent_ci():
