@@ -10,6 +10,7 @@ numbers; nothing imports the training code, so results can be analysed without t
                                      .verdict(bound): higher / lower / equivalent (TOST) / within noise
     paired_table({"kd − ce": (kd, ce)}) a section's comparisons, one row each (compare_table: all vs one)
     compare_nested({t: kd}, {t: ce}) students nested in teachers: per teacher, and pooled over them
+    nested_table({"kd − ce": (...)}) several nested comparisons, one block of rows each
     cell_table(sweep_df, ["T"])      a sweep's cells: mean and 95% CI per cell, the pick flagged
     minutes_alone(run_dirs)          each run's training minutes had it run alone (the cost of a notebook)
     time_report(run_dirs, START)     a notebook's time, stated one way: minutes alone, from scratch, this run
@@ -401,6 +402,18 @@ def compare_nested(
     table = pd.DataFrame.from_dict(rows, orient="index")
     table["same_verdict"] = len({rows[t]["verdict"] for t in per}) == 1
     return table
+
+
+def nested_table(
+    pairs: Mapping[str, tuple[Mapping[str, Sequence], Mapping[str, Sequence]]],
+    metric: str = "last_top1",
+    bound: float | None = None,
+) -> pd.DataFrame:
+    """Named ``compare_nested`` comparisons in one table, ``{"LS-KD − KD": (ls_by_teacher, kd_by_teacher)}``:
+    rows indexed by (comparison, teacher), each comparison's per-teacher rows then its pooled row."""
+    return pd.concat(
+        {name: compare_nested(a, b, metric, bound) for name, (a, b) in pairs.items()}, names=["comparison", "teacher"]
+    )
 
 
 def _paired_row(c: Paired, bound: float | None, words: tuple[str, str] = ("higher", "lower")) -> dict:

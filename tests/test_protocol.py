@@ -356,6 +356,10 @@ def test_compare_nested_pools_over_teachers_with_their_spread():
     assert t.loc["pooled", "mean_a"] == pytest.approx(71.1667, abs=1e-3) and not t["same_verdict"].any()
     with pytest.raises(ValueError, match="same teachers"):
         analysis.compare_nested(a, {"t0": b["t0"]})
+    both = analysis.nested_table({"a − b": (a, b), "b − a": (b, a)})
+    assert list(both.index) == [(n, t) for n in ("a − b", "b − a") for t in ("t0", "t1", "pooled")]
+    assert both.loc[("b − a", "pooled"), "diff"] == pytest.approx(-1.0)
+    assert both.loc[("b − a", "t0"), "ci_high"] == pytest.approx(-0.2579, abs=1e-3)
 
 
 def _timed_run(path, seconds, metrics=None, **cfg):
