@@ -342,23 +342,61 @@ def sweep(
     ``df.attrs["extended"]`` lists the values each axis gained (a pick still on an edge after
     ``max_extensions`` is said in ``attrs["edge"]``).
     """
-    grid = {k: list(v) for k, v in grid.items()}
-    for axis in extend or {}:
-        if axis not in grid or "," in axis:
-            raise ValueError(f"extend={extend!r}: {axis!r} is not a single-field axis of the grid {list(grid)}")
-    added: dict[str, list] = {axis: [] for axis in extend or {}}
+    out = sweep_grids({"": (cfg, grid)}, seeds, jobs, best_by, run, cohorts, prune, {"": extend or {}}, max_extensions)
+    return out[""]
+
+
+def sweep_grids(
+    grids: dict[str, tuple[Config, dict[str, list]]],
+    seeds=range(3),
+    jobs: int | str = "auto",
+    best_by: str = "val_top1",
+    run=None,
+    cohorts: bool = True,
+    prune: Prune | None = None,
+    extend: dict[str, dict[str, float]] | None = None,
+    max_extensions: int = 2,
+) -> dict[str, pd.DataFrame]:
+    """Several ``sweep``s trained together: ``{"at": (at_cfg, {"feat_weight": [...]}), ...}`` → one
+    table per name, each as ``sweep`` returns it (its own pick, pruning and edge extension).
+
+    Every batch (each pruning rung, the rest, each round of extensions) is one ``run_many`` call over
+    all grids, so runs of different grids that share a teacher and a data stream train as one
+    cohort, and the workers stay busy across grids. Pruning judges each grid's cells against that
+    grid's own best. ``extend`` maps a grid's name to its axes and factors (``{"at": {"feat_weight": 3}}``).
+    """
+    grids = {name: (cfg, {k: list(v) for k, v in grid.items()}) for name, (cfg, grid) in grids.items()}
+    extend = {name: axes for name, axes in (extend or {}).items() if axes}
+    for name, axes in extend.items():
+        if name not in grids:
+            raise ValueError(f"extend names {name!r}, which is not one of the grids: {', '.join(grids)}")
+        for axis in axes:
+            if axis not in grids[name][1] or "," in axis:
+                raise ValueError(
+                    f"extend={axes!r}: {axis!r} is not a single-field axis of the grid {list(grids[name][1])}"
+                )
+    added = {name: {axis: [] for axis in axes} for name, axes in extend.items()}
     while True:
-        df = _sweep_grid(cfg, grid, seeds, jobs, best_by, run, cohorts, prune)
-        nxt = {a: _past_edge(grid[a], df.attrs["best"][a], f) for a, f in (extend or {}).items()}
-        grow = {a: v for a, v in nxt.items() if v is not None and len(added[a]) < max_extensions}
+        out = _sweep_grids(grids, seeds, jobs, best_by, run, cohorts, prune)
+        nxt = {
+            name: {a: _past_edge(grids[name][1][a], out[name].attrs["best"][a], f) for a, f in axes.items()}
+            for name, axes in extend.items()
+        }
+        grow = [
+            (name, a, v)
+            for name, axes in nxt.items()
+            for a, v in axes.items()
+            if v is not None and len(added[name][a]) < max_extensions
+        ]
         if not grow:
             break
-        for axis, value in grow.items():
-            grid[axis].append(value)
-            added[axis].append(value)
-    df.attrs["extended"] = added
-    df.attrs["edge"] = {a: df.attrs["best"][a] for a, v in nxt.items() if v is not None}
-    return df
+        for name, axis, value in grow:
+            grids[name][1][axis].append(value)
+            added[name][axis].append(value)
+    for name, df in out.items():
+        df.attrs["extended"] = added.get(name, {})
+        df.attrs["edge"] = {a: df.attrs["best"][a] for a, v in nxt.get(name, {}).items() if v is not None}
+    return out
 
 
 def _past_edge(values: list, pick, factor: float):
@@ -370,49 +408,56 @@ def _past_edge(values: list, pick, factor: float):
     return None
 
 
-def _sweep_grid(cfg, grid, seeds, jobs, best_by, run, cohorts, prune) -> pd.DataFrame:
-    runs = expand_grid(cfg, grid, seeds)
+def _sweep_grids(grids, seeds, jobs, best_by, run, cohorts, prune) -> dict[str, pd.DataFrame]:
+    runs = [
+        (name, cell, seed, c) for name, (cfg, grid) in grids.items() for cell, seed, c in expand_grid(cfg, grid, seeds)
+    ]
+
+    def batch(cfgs, desc):
+        return run_many(cfgs, jobs=jobs, run=run, desc=desc, cohorts=cohorts)
+
     stopped, partial = {}, {}
     if prune is not None:
-        if not cfg.val_size:
+        if any(not cfg.val_size for cfg, _ in grids.values()):
             raise ValueError("pruning decides on validation: set val_size > 0 (the cpu profile holds out 5,000)")
-
-        def batch(cfgs):
-            return run_many(cfgs, jobs=jobs, run=run, desc="sweep (to a rung)", cohorts=cohorts)
-
-        stopped, partial = prune_runs(runs, prune, batch)
+        # one key for any grid's cells: grids may sweep different fields
+        cells = [({"grid": name, "cell": json.dumps(cell, sort_keys=True)}, seed, c) for name, cell, seed, c in runs]
+        stopped, partial = prune_runs(cells, prune, lambda cfgs: batch(cfgs, "sweep (to a rung)"), by=("grid",))
     todo = [i for i in range(len(runs)) if i not in partial]
-    done = dict(partial)
-    rest = run_many([runs[i][2] for i in todo], jobs=jobs, run=run, desc="sweep", cohorts=cohorts)
-    done.update(zip(todo, rest, strict=True))
-    rows, failed = [], []
-    for i, (cell, seed, run_cfg) in enumerate(runs):
-        res = done[i]
-        row = {**cell, "seed": seed, "threads": run_cfg.threads}
+    done = dict(partial) | dict(zip(todo, batch([runs[i][3] for i in todo], "sweep"), strict=True))
+    out, failed = {}, []
+    for name, (cfg, grid) in grids.items():
+        mine = [i for i, r in enumerate(runs) if r[0] == name]
+        rows = [_sweep_row(runs[i][1], runs[i][2], runs[i][3], done[i], stopped.get(i), prune, failed) for i in mine]
+        df = pd.DataFrame(rows)
         if prune is not None:
-            row["pruned_at"] = stopped.get(i, np.nan)
-        if "error" in res and failure_mark(run_dir_for(run_cfg)):  # diverged: the run's result is a failure
-            rows.append({**row, "run_dir": run_dir_for(run_cfg), FAILED: failure_mark(run_dir_for(run_cfg))})
-            continue
-        if "error" in res:
-            failed.append(f"{run_name(run_cfg)}: {res['error']}")
-            rows.append({**row, "run_dir": run_dir_for(run_cfg), "error": res["error"]})
-            continue
-        rows.append({**row, "run_dir": res["run_dir"], **run_metrics(res["history"])})
-    df = pd.DataFrame(rows)
-    if prune is not None:
-        df.attrs["prune"] = {"rungs": prune.epochs(cfg.epochs), "margin": prune.margin}
-    _write_sweep(cfg, grid, df)
+            df.attrs["prune"] = {"rungs": prune.epochs(cfg.epochs), "margin": prune.margin}
+        _write_sweep(cfg, grid, df)
+        out[name] = df
     if failed:
         err = RunsFailed(
             f"{len(failed)} of {len(runs)} runs failed (the others finished; rerunning the sweep redoes only "
             "the missing ones):\n  " + "\n  ".join(failed)
         )
-        err.results = df
+        err.results = out[""] if list(out) == [""] else out
         raise err
-    df = mark_best(df, grid_fields(grid), best_by)
-    df.attrs["keys"] = grid_fields(grid)
-    return df
+    for name, (_, grid) in grids.items():
+        out[name] = mark_best(out[name], grid_fields(grid), best_by)
+        out[name].attrs["keys"] = grid_fields(grid)
+    return out
+
+
+def _sweep_row(cell: dict, seed: int, run_cfg: Config, res: dict, stopped, prune, failed: list) -> dict:
+    """One run's row of a sweep table; a run that raised (not a marked failure) is added to ``failed``."""
+    row = {**cell, "seed": seed, "threads": run_cfg.threads}
+    if prune is not None:
+        row["pruned_at"] = np.nan if stopped is None else stopped
+    if "error" in res and failure_mark(run_dir_for(run_cfg)):  # diverged: the run's result is a failure
+        return {**row, "run_dir": run_dir_for(run_cfg), FAILED: failure_mark(run_dir_for(run_cfg))}
+    if "error" in res:
+        failed.append(f"{run_name(run_cfg)}: {res['error']}")
+        return {**row, "run_dir": run_dir_for(run_cfg), "error": res["error"]}
+    return {**row, "run_dir": res["run_dir"], **run_metrics(res["history"])}
 
 
 def run_metrics(history: pd.DataFrame) -> dict:

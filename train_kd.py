@@ -49,6 +49,7 @@ from sweeps import (
     run_many,
     run_seeds,
     sweep,
+    sweep_grids,
 )
 
 list_methods = METHODS.names
@@ -91,6 +92,7 @@ __all__ = [
     "standardize",
     "state_bytes",
     "sweep",
+    "sweep_grids",
     "teacher_config",
     "upcast",
     "verify_teacher",

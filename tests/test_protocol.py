@@ -219,6 +219,23 @@ def test_a_joined_axis_sets_fields_together_and_an_edge_pick_is_extended(smoke_c
         sweep(base, {"T": [1.0], "T,kd_weight": [(1.0, 1.0)]}, seeds=[0], run=peak_at_t6)
 
 
+def test_grids_swept_together_keep_their_own_picks_and_extensions(smoke_cfg):
+    base = smoke_cfg(method="kd", teacher="runs/none", epochs=1)
+    grids = {
+        "by T": (base, {"T": [1.0, 2.0]}),
+        "by weights": (replace(base, T=6.0), {"ce_weight,kd_weight": [(0.5, 0.5), (0.0, 1.0)]}),
+    }
+    out = train_kd.sweep_grids(grids, seeds=[0, 1], jobs=1, run=peak_at_t6, extend={"by T": {"T": 2.0}})
+    assert out["by T"].attrs["best"] == {"T": 4.0} and out["by T"].attrs["extended"] == {"T": [4.0, 8.0]}
+    assert out["by weights"].attrs["best"] == {"ce_weight": 0.5, "kd_weight": 0.5}
+    assert out["by weights"].attrs["extended"] == {} and len(out["by weights"]) == 4
+    # each grid's table is the one sweep gives for it alone
+    alone = sweep(replace(base, T=6.0), grids["by weights"][1], seeds=[0, 1], jobs=1, run=peak_at_t6)
+    pd.testing.assert_frame_equal(alone, out["by weights"])
+    with pytest.raises(ValueError, match="not one of the grids"):
+        train_kd.sweep_grids(grids, seeds=[0], run=peak_at_t6, extend={"by X": {"T": 2.0}})
+
+
 @pytest.mark.parametrize(
     "grid, kwargs, message",
     [
