@@ -460,6 +460,18 @@ def _sweep_row(cell: dict, seed: int, run_cfg: Config, res: dict, stopped, prune
     return {**row, "run_dir": res["run_dir"], **run_metrics(res["history"])}
 
 
+def cell_runs(df: pd.DataFrame, cfg: Config, cell: dict, jobs: int | str = "auto") -> list[RunResult]:
+    """The runs of one cell of a sweep's table (``cfg`` its base), read back as ``run_seeds`` gives
+    them, one per seed; a cell that pruning stopped is read at the epoch it stopped, not trained on."""
+    rows = df[np.logical_and.reduce([df[k] == v for k, v in cell.items()])] if cell else df.iloc[0:0]
+    if rows.empty:
+        cells = df[df.attrs.get("keys", list(cell))].drop_duplicates().to_dict("records")
+        raise ValueError(f"no cell {cell} in this sweep; its cells: {cells}")
+    stop = rows["pruned_at"].max() if "pruned_at" in rows else np.nan
+    extra = {} if pd.isna(stop) else {"stop_after": int(stop)}
+    return run_seeds(replace(cfg, **cell, **extra), sorted(rows["seed"]), jobs)
+
+
 def run_metrics(history: pd.DataFrame) -> dict:
     s = summarize(history)
     last = history.iloc[-1]

@@ -39,6 +39,7 @@ from registry import METHODS, loss_methods, register_method
 from runs import print_result
 from sweeps import (
     RunsFailed,
+    cell_runs,
     default_jobs,
     expand_grid,
     mark_best,
@@ -93,6 +94,7 @@ __all__ = [
     "state_bytes",
     "sweep",
     "sweep_grids",
+    "cell_runs",
     "teacher_config",
     "upcast",
     "verify_teacher",

@@ -12,7 +12,7 @@ from checkpoints import read_checkpoint
 from config import check_config
 from pruning import Prune, behind
 from runs import train
-from sweeps import sweep
+from sweeps import cell_runs, sweep
 from train_eval import TIMING_COLUMNS
 
 
@@ -83,6 +83,11 @@ def test_pruning_stops_the_hopeless_cells_and_keeps_the_full_grids_pick(smoke_cf
     same = full[full["lr"] != 0.002].reset_index(drop=True)
     pd.testing.assert_series_equal(kept["val_top1"], same["val_top1"])  # the survivors are the full grid's runs
     assert pruned.attrs["prune"] == {"rungs": [1, 2], "margin": 2.0}
+    # a stopped cell's runs are read back where they stopped, not trained on
+    at = cell_runs(pruned, replace(cfg, out_dir=str(tmp_path / "pruned")), {"lr": 0.002}, jobs=1)
+    assert [len(r.history) for r in at] == [int(e) for e in stopped.sort_values("seed")["pruned_at"]]
+    with pytest.raises(ValueError, match="no cell"):
+        cell_runs(pruned, cfg, {"lr": 0.1})
     # asked again without pruning, the stopped runs resume to the end: the full grid's table
     resumed = sweep(replace(cfg, out_dir=str(tmp_path / "pruned")), grid, seeds=range(3), jobs=1)
     pd.testing.assert_series_equal(resumed["val_top1"], full["val_top1"])
