@@ -346,7 +346,8 @@ def plot(by_pair: dict[str, pd.DataFrame], path: str) -> None:
                 ax.axvline(t.loc[base, "val_top1"], ls=style, color="grey", label=base)
         ax.set_title(name)
         ax.set_xlabel("validation top-1 (%), mean and 95% CI")
-        ax.legend(loc="lower right")
+        if ax.get_legend_handles_labels()[0]:  # a pair whose CE or KD runs are not in yet has no lines
+            ax.legend(loc="lower right")
     axes_list = list(getattr(axes, "flat", [axes]))
     axes_list[0].set_yticks(range(len(order)), order)
     fig.tight_layout()
