@@ -2,7 +2,8 @@
 
 Runs of one seed see the same batches (the data seed fixes the stream); runs of one teacher would
 each run it on them. ``plan_cohorts`` groups the runs that can share both into cohorts, and splits
-the largest while there are more workers than cohorts, so the cores stay busy; each cohort is one
+the largest while there are more workers than cohorts, or while a split shortens the last round
+(3 equal cohorts on 2 workers), so the cores stay busy; each cohort is one
 ``distiller.distill_together`` in one worker: the batches drawn once, the teacher run once per
 batch, every member exactly as alone (weights and metrics to the bit).
 """
@@ -51,11 +52,39 @@ def plan_cohorts(configs: list[Config], workers: int = 1) -> list[list[int]]:
             if hosts:
                 groups[max(hosts, key=lambda k: len(groups[k]))] += groups.pop((stream, teacher))
     cohorts = [sorted(m) for m in groups.values()] + alone
+    online = {i for i, cfg in enumerate(configs) if (key := teacher_key(cfg)) is not None and not key[2]}
     while len(cohorts) < workers and max(len(c) for c in cohorts) > 1:
-        largest = max(cohorts, key=len)
-        cohorts.remove(largest)
-        cohorts += [largest[: len(largest) // 2], largest[len(largest) // 2 :]]
-    return sorted(cohorts, key=lambda c: c[0])
+        cohorts = _split_largest(cohorts)
+    cohorts = sorted(cohorts, key=lambda c: c[0])
+    # a last round that leaves workers idle (3 equal cohorts on 2 workers): split while that shortens it
+    while workers > 1 and max(len(c) for c in cohorts) > 1:
+        finer = sorted(_split_largest(cohorts), key=lambda c: c[0])
+        if makespan(finer, online, workers) >= makespan(cohorts, online, workers):
+            break
+        cohorts = finer
+    return cohorts
+
+
+def _split_largest(cohorts: list[list[int]]) -> list[list[int]]:
+    largest = max(cohorts, key=len)
+    rest = [c for c in cohorts if c is not largest]
+    return rest + [largest[: len(largest) // 2], largest[len(largest) // 2 :]]
+
+
+# A cohort's cost in member steps: each member one, plus what its members share once per batch, the
+# data stream (about a tenth of a step) and an online teacher's forward (about one step, measured
+# 1.0-1.2 CE steps for the cpu pair): splitting a cohort repeats them.
+STREAM_COST, TEACHER_COST = 0.1, 1.0
+
+
+def makespan(cohorts: list[list[int]], online: set[int], workers: int) -> float:
+    """When the last of ``cohorts`` would end, taken in order by ``workers`` (each the next free one):
+    how ``sweeps.run_many``'s pool runs them, in member steps (``STREAM_COST``, and ``TEACHER_COST``
+    for a cohort with a member in ``online``, the runs whose teacher runs in every step)."""
+    free = [0.0] * workers
+    for c in cohorts:
+        free[free.index(min(free))] += len(c) + STREAM_COST + (TEACHER_COST if online & set(c) else 0.0)
+    return max(free)
 
 
 def run_cohort(cfgs: list[Config]) -> list[dict]:

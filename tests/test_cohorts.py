@@ -189,6 +189,23 @@ def test_plan_groups_by_stream_and_teacher_and_splits_for_idle_workers(smoke_cfg
     assert sorted(map(len, plan_cohorts(cfgs, workers=5))) == [1, 1, 1, 2, 2]
 
 
+def test_plan_splits_a_cohort_when_the_last_round_would_leave_a_worker_idle(smoke_cfg):
+    from cohorts import makespan, plan_cohorts
+
+    # three seeds of 20 cached-logit runs (no teacher forward to repeat) on 2 workers: 20 + 20 | 20
+    # ends at 40 member steps (+ streams); halving the first cohort gives 10 + 20 | 10 + 20: 30
+    base = smoke_cfg(method="kd", teacher="runs/t", teacher_cache=True, epochs=2)
+    cfgs = [replace(base, T=1.0 + t, seed=s, data_seed=s) for s in range(3) for t in range(20)]
+    plan = plan_cohorts(cfgs, workers=2)
+    assert sorted(map(len, plan)) == [10, 10, 20, 20] and sorted(i for c in plan for i in c) == list(range(60))
+    assert makespan(plan, set(), 2) == pytest.approx(30.2)
+    assert plan_cohorts(cfgs, workers=1) == [list(range(s * 20, s * 20 + 20)) for s in range(3)]  # one worker: no gain
+    # with the teacher online, a split repeats its forward (about one member step): still worth it here
+    online = [replace(c, teacher_cache=False) for c in cfgs]
+    assert sorted(map(len, plan_cohorts(online, workers=2))) == [10, 10, 20, 20]
+    assert sorted(map(len, plan_cohorts(online[:40], workers=2))) == [20, 20]  # two cohorts: nothing to gain
+
+
 def test_a_sweep_in_cohorts_gives_the_runs_it_gives_one_by_one(smoke_cfg, smoke_teacher, tmp_path):
     from sweeps import sweep
 
