@@ -37,13 +37,15 @@ def plan_cohorts(configs: list[Config], workers: int = 1) -> list[list[int]]:
 
     Runs that cannot share (a method with a runner of its own) stay alone. Runs without a teacher
     join the largest cohort of their stream. While there are fewer cohorts than ``workers``, the
-    largest is split in two (each part runs its own teacher): fewer shared forwards, busier cores.
+    largest is split in two (each part runs its own teacher): fewer shared forwards, busier cores;
+    then again while that shortens the last round (``makespan``).
     """
     groups: dict[tuple, list[int]] = {}
     alone: list[list[int]] = []
+    teachers = [teacher_key(cfg) for cfg in configs]  # each a file digest: read once
     for i, cfg in enumerate(configs):
         if shares_a_stream(cfg):
-            groups.setdefault((stream_key(cfg), teacher_key(cfg)), []).append(i)
+            groups.setdefault((stream_key(cfg), teachers[i]), []).append(i)
         else:
             alone.append([i])
     for stream, teacher in list(groups):
@@ -52,7 +54,7 @@ def plan_cohorts(configs: list[Config], workers: int = 1) -> list[list[int]]:
             if hosts:
                 groups[max(hosts, key=lambda k: len(groups[k]))] += groups.pop((stream, teacher))
     cohorts = [sorted(m) for m in groups.values()] + alone
-    online = {i for i, cfg in enumerate(configs) if (key := teacher_key(cfg)) is not None and not key[2]}
+    online = {i for i, key in enumerate(teachers) if key is not None and not key[2]}
     while len(cohorts) < workers and max(len(c) for c in cohorts) > 1:
         cohorts = _split_largest(cohorts)
     cohorts = sorted(cohorts, key=lambda c: c[0])
