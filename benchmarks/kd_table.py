@@ -34,6 +34,7 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import numpy as np
 import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -261,17 +262,36 @@ def refused(df: pd.DataFrame) -> dict[str, str]:
     return {m: df[df["method"] == m]["error"].iloc[0] for m in sorted(gone)}
 
 
-def merged(path: str, df: pd.DataFrame, keys: list[str], keep_other=None) -> pd.DataFrame:
+def merged(path: str, df: pd.DataFrame, keys: list[str], keep_other=None, read_back=()) -> pd.DataFrame:
     """``df``'s rows replace theirs (same ``keys``) in the CSV at ``path``, read now, under a lock, so that
     several benchmark processes (method groups run side by side) each add their rows and none is lost.
-    ``keep_other`` filters the old rows kept (default: all but the replaced ones)."""
+    ``keep_other`` filters the old rows kept (default: all but the replaced ones). A new row equal to its
+    old one in the ``read_back`` columns is a finished run read back, not trained again: it keeps the
+    old row's commit and processor, which say what trained it."""
     with run_lock(os.path.dirname(os.path.abspath(path))):
         if os.path.isfile(path):
             old = with_pair(pd.read_csv(path))
+            df = _provenance_kept(old, df, keys, list(read_back)) if read_back else df
             old = old if keep_other is None else old[keep_other(old)]
             df = pd.concat([old, df], ignore_index=True).drop_duplicates(keys, keep="last")
         df.to_csv(path, index=False)
     return df
+
+
+def _provenance_kept(old: pd.DataFrame, new: pd.DataFrame, keys: list[str], same: list[str]) -> pd.DataFrame:
+    kept = [c for c in ("commit", "processor") if c in old and c in new]
+    if not kept or not set(keys + same) <= set(old) & set(new):
+        return new
+    was = new[keys + same].merge(old[keys + same + kept].drop_duplicates(keys, keep="last"), on=keys, how="left")
+    # exact equality: a read-back run reproduces its metrics to the bit; nan == nan for a failed run's empty cells
+    equal = was[kept[0]].notna().to_numpy().copy()
+    for c in same:
+        a, b = was[f"{c}_x"], was[f"{c}_y"]
+        equal &= ((a == b) | (a.isna() & b.isna())).to_numpy()
+    out = new.copy()
+    for c in kept:
+        out[c] = np.where(equal, was[c].to_numpy(), new[c].to_numpy())
+    return out
 
 
 def with_pair(df: pd.DataFrame) -> pd.DataFrame:
@@ -571,7 +591,8 @@ def main(argv=None) -> pd.DataFrame:
     if args.table_only:
         df = done
     else:  # the runs of this call replace their earlier rows; the other methods' and pairs' rows are kept
-        df = merged(f"{args.prefix}.csv", run(args), ["pair", "method", "seed", "teacher"])
+        keys, results = ["pair", "method", "seed", "teacher"], ["val_top1", "test_top1"]
+        df = merged(f"{args.prefix}.csv", run(args), keys, read_back=results)
     write(df, args.prefix)
     return df
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import HANG_SECONDS, ROOT
 
 
 def test_benchmark_quick_mode_writes_its_report(tmp_path, synthetic_dir):
@@ -20,7 +20,7 @@ def test_benchmark_quick_mode_writes_its_report(tmp_path, synthetic_dir):
         "--out",
         str(out),
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_SECONDS, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
     assert {"data", "end_to_end", "compute", "kd", "bf16", "peak_gflops"} <= set(report)
@@ -126,3 +126,18 @@ def test_kd_table_rows_of_processes_run_side_by_side_are_merged_not_overwritten(
     kd_table.merged(path, pd.DataFrame([dict(row, method="at", val_top1=2.0)]), keys)  # at again: replaced
     df = pd.read_csv(path).set_index("method")
     assert sorted(df.index) == ["at", "nst"] and df.loc["at", "val_top1"] == 2.0
+
+
+def test_kd_table_rows_read_back_keep_the_commit_that_trained_them(tmp_path):
+    import pandas as pd
+
+    kd_table, path = _kd_table(), str(tmp_path / "t.csv")
+    keys, results = ["pair", "method", "seed", "teacher"], ["val_top1", "test_top1"]
+    row = dict(pair="vgg13-vgg8", seed=0, teacher="t", val_top1=1.0, test_top1=float("nan"), processor="old cpu")
+    kd_table.merged(path, pd.DataFrame([dict(row, method=m, commit="aaa") for m in ("at", "nst")]), keys)
+    again = [dict(row, method="at", commit="bbb", processor="new cpu")]  # read back: the same results
+    again += [dict(row, method="nst", val_top1=2.0, commit="bbb", processor="new cpu")]  # trained again
+    kd_table.merged(path, pd.DataFrame(again), keys, read_back=results)
+    df = pd.read_csv(path).set_index("method")
+    assert (df.loc["at", "commit"], df.loc["at", "processor"]) == ("aaa", "old cpu")
+    assert (df.loc["nst", "commit"], df.loc["nst", "processor"]) == ("bbb", "new cpu")

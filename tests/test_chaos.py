@@ -19,9 +19,9 @@ import pytest
 
 import train_kd
 from checkpoints import read_checkpoint, state_digest
+from conftest import HANG_SECONDS, ROOT
 from sweeps import run_many
 
-ROOT = Path(__file__).resolve().parents[1]
 TIMING = ["seconds", "cpu_seconds", "train_images_per_s"]  # wall and CPU time: the only columns allowed to differ
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process table in /proc")
 
@@ -140,7 +140,7 @@ def test_a_sweep_killed_at_random_moments_ends_as_an_uninterrupted_one(synthetic
             except ProcessLookupError:
                 pass  # it ended meanwhile: draw again
         assert killed, f"no worker was killed {why}"
-        assert sweep.proc.wait(timeout=300) == 0, f"{why} {sweep.output()}"
+        assert sweep.proc.wait(timeout=HANG_SECONDS) == 0, f"{why} {sweep.output()}"
         out, err = sweep.output()
         assert "sweep: 4 runs" in out and "runs failed" not in err, f"{why} {out}\n{err}"
         assert not sweep.left_behind(), f"processes left behind {why}"

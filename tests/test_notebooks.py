@@ -7,7 +7,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from conftest import ROOT
+from conftest import HANG_SECONDS, ROOT
 
 NOTEBOOKS = sorted(p.name for p in ROOT.glob("*.ipynb"))
 
@@ -20,7 +20,9 @@ def test_notebook_runs_in_smoke_profile(name, tmp_path, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(ROOT / name, as_version=4)
     assert any("parameters" in c.metadata.get("tags", []) for c in nb.cells), "needs a papermill parameters cell"
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    NotebookClient(
+        nb, timeout=HANG_SECONDS, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+    ).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
     assert any(Path(tmp_path / "runs" / "figures").rglob("*.png")), "figures are saved as well as shown"

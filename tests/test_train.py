@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import train_kd
-from conftest import ROOT
+from conftest import HANG_SECONDS, ROOT
 from train_eval import evaluate, make_config, train
 
 
@@ -84,7 +84,12 @@ def test_demo_smoke_writes_table_and_plot(smoke_cfg):
 def _cli(script, *args):
     env = {**os.environ, "KD_PROGRESS": "0"}
     return subprocess.run(
-        [sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300
+        [sys.executable, str(ROOT / script), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=HANG_SECONDS,
     )
 
 
