@@ -2,18 +2,26 @@
 
 Runs of one seed see the same batches (the data seed fixes the stream); runs of one teacher would
 each run it on them. ``plan_cohorts`` groups the runs that can share both into cohorts, and splits
-the largest while there are more workers than cohorts, or while a split shortens the last round
-(3 equal cohorts on 2 workers), so the cores stay busy; each cohort is one
+the costliest (by the training each member has left: ``work_left``) while there are more workers
+than cohorts, or while a split shortens the last round (3 equal cohorts on 2 workers; three
+teachers of different sizes in one), so the cores stay busy; each cohort is one
 ``distiller.distill_together`` in one worker: the batches drawn once, the teacher run once per
 batch, every member exactly as alone (weights and metrics to the bit).
 """
 
 from __future__ import annotations
 
+import functools
+import os
+
+import numpy as np
+
 from checkpoints import file_digest
 from config import Config
 from distiller import distill_together, shares_a_stream
+from model import count_flops, create_model
 from registry import METHODS
+from run_folders import FAILED_FILE, run_dir_for
 from runs import STREAM_FIELDS
 
 
@@ -37,8 +45,9 @@ def plan_cohorts(configs: list[Config], workers: int = 1) -> list[list[int]]:
 
     Runs that cannot share (a method with a runner of its own) stay alone. Runs without a teacher
     join the largest cohort of their stream. While there are fewer cohorts than ``workers``, the
-    largest is split in two (each part runs its own teacher): fewer shared forwards, busier cores;
-    then again while that shortens the last round (``makespan``).
+    costliest is split in two of about equal work (each part runs its own teacher): fewer shared
+    forwards, busier cores; then again while that shortens the last round (``makespan``, with each
+    run's ``work_left``: a finished run costs nothing, a large model more than a small one).
     """
     groups: dict[tuple, list[int]] = {}
     alone: list[list[int]] = []
@@ -55,22 +64,54 @@ def plan_cohorts(configs: list[Config], workers: int = 1) -> list[list[int]]:
                 groups[max(hosts, key=lambda k: len(groups[k]))] += groups.pop((stream, teacher))
     cohorts = [sorted(m) for m in groups.values()] + alone
     online = {i for i, key in enumerate(teachers) if key is not None and not key[2]}
+    cost = work_left(configs)
     while len(cohorts) < workers and max(len(c) for c in cohorts) > 1:
-        cohorts = _split_largest(cohorts)
+        cohorts = _split_costliest(cohorts, cost)
     cohorts = sorted(cohorts, key=lambda c: c[0])
     # a last round that leaves workers idle (3 equal cohorts on 2 workers): split while that shortens it
     while workers > 1 and max(len(c) for c in cohorts) > 1:
-        finer = sorted(_split_largest(cohorts), key=lambda c: c[0])
-        if makespan(finer, online, workers) >= makespan(cohorts, online, workers):
+        finer = sorted(_split_costliest(cohorts, cost), key=lambda c: c[0])
+        if makespan(finer, online, workers, cost) >= makespan(cohorts, online, workers, cost):
             break
         cohorts = finer
     return cohorts
 
 
-def _split_largest(cohorts: list[list[int]]) -> list[list[int]]:
-    largest = max(cohorts, key=len)
-    rest = [c for c in cohorts if c is not largest]
-    return rest + [largest[: len(largest) // 2], largest[len(largest) // 2 :]]
+def _split_costliest(cohorts: list[list[int]], cost: list[float]) -> list[list[int]]:
+    """The costliest cohort of several members cut in two parts of about equal work, in member order."""
+    splittable = [c for c in cohorts if len(c) > 1]
+    big = max(splittable, key=lambda c: (sum(cost[i] for i in c), len(c)))
+    total, run, cut = sum(cost[i] for i in big), 0.0, len(big) // 2
+    if total > 0:  # the first cut where the first part reaches half the work (at least one member each side)
+        for k, i in enumerate(big[:-1], start=1):
+            run += cost[i]
+            if run >= total / 2:
+                cut = k
+                break
+    rest = [c for c in cohorts if c is not big]
+    return rest + [big[:cut], big[cut:]]
+
+
+@functools.cache
+def _mflops(model: str, width: float) -> float:
+    return count_flops(create_model(model, num_classes=10, width=width)) / 1e6
+
+
+def work_left(configs: list[Config]) -> list[float]:
+    """Each run's training left, in member steps of the median unfinished run: its student's forward
+    MFLOPs (times its members) times the epochs it has not trained (its ``metrics.csv`` rows). A
+    finished or failed run costs 0: it is read back. Students of one size cost one step each."""
+    raw = []
+    for cfg in configs:
+        folder = run_dir_for(cfg)
+        metrics = os.path.join(folder, "metrics.csv")
+        done = sum(1 for _ in open(metrics)) - 1 if os.path.isfile(metrics) else 0
+        end = cfg.stop_after or cfg.epochs
+        failed = os.path.isfile(os.path.join(folder, FAILED_FILE))
+        left = 0 if failed else max(end - done, 0)
+        raw.append(left * _mflops(cfg.model, cfg.width) * max(cfg.members, 1))
+    unit = float(np.median([w for w in raw if w > 0])) if any(raw) else 1.0
+    return [w / unit for w in raw]
 
 
 # A cohort's cost in member steps: each member one, plus what its members share once per batch, the
@@ -79,13 +120,16 @@ def _split_largest(cohorts: list[list[int]]) -> list[list[int]]:
 STREAM_COST, TEACHER_COST = 0.1, 1.0
 
 
-def makespan(cohorts: list[list[int]], online: set[int], workers: int) -> float:
+def makespan(cohorts: list[list[int]], online: set[int], workers: int, cost: list[float] | None = None) -> float:
     """When the last of ``cohorts`` would end, taken in order by ``workers`` (each the next free one):
-    how ``sweeps.run_many``'s pool runs them, in member steps (``STREAM_COST``, and ``TEACHER_COST``
-    for a cohort with a member in ``online``, the runs whose teacher runs in every step)."""
+    how ``sweeps.run_many``'s pool runs them, in member steps (``cost`` of each run, default 1; plus
+    ``STREAM_COST``, and ``TEACHER_COST`` for a cohort with a member in ``online``, the runs whose
+    teacher runs in every step). A cohort with nothing left to train costs nothing."""
     free = [0.0] * workers
     for c in cohorts:
-        free[free.index(min(free))] += len(c) + STREAM_COST + (TEACHER_COST if online & set(c) else 0.0)
+        members = sum(cost[i] for i in c) if cost is not None else len(c)
+        shared = STREAM_COST + (TEACHER_COST if online & set(c) else 0.0)
+        free[free.index(min(free))] += members + shared if members > 0 else 0.0
     return max(free)
 
 

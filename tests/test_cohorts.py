@@ -1,5 +1,6 @@
 """Cohorts: runs that share a data stream and a teacher train together, each exactly as alone."""
 
+import os
 from dataclasses import replace
 
 import pytest
@@ -186,7 +187,8 @@ def test_plan_groups_by_stream_and_teacher_and_splits_for_idle_workers(smoke_cfg
         replace(base, method="dml", members=2, seed=0, data_seed=0),  # 6: no teacher: joins stream 0's cohort
     ]
     assert plan_cohorts(cfgs, workers=1) == [[0, 1, 2, 6], [3], [4], [5]]
-    assert sorted(map(len, plan_cohorts(cfgs, workers=5))) == [1, 1, 1, 2, 2]
+    # 5 workers: split by work, where runs of two members (dml, specialists) weigh two
+    assert sorted(map(len, plan_cohorts(cfgs, workers=5))) == [1, 1, 1, 1, 1, 2]
 
 
 def test_plan_splits_a_cohort_when_the_last_round_would_leave_a_worker_idle(smoke_cfg):
@@ -248,3 +250,25 @@ def test_new_teachers_train_in_parallel_at_one_thread_and_finished_ones_are_read
     assert a.run_dir == first.run_dir and a.config.threads == 2
     assert b.config.threads == c.config.threads == 1 and len({a.run_dir, b.run_dir, c.run_dir}) == 3
     assert b.config.seed == 1 and c.config.seed == 2
+
+
+def test_plan_weighs_runs_by_the_training_they_have_left(smoke_cfg):
+    # the capacity teachers: three sizes of seed 0 in one cohort, and seed 1's two runs, one of them
+    # already finished. Counting members, 3 | 2 looks balanced and nothing is split; by the work left
+    # (model size x epochs not trained), seed 0's cohort is nearly all of it, and is split
+    from cohorts import makespan, plan_cohorts, work_left
+    from run_folders import run_dir_for
+
+    base = smoke_cfg(method="ce", epochs=4)
+    sizes = [("vgg8", 0.125), ("vgg8", 0.25), ("vgg11", 0.25)]
+    cfgs = [replace(base, model=m, width=w, seed=0, data_seed=0) for m, w in sizes]
+    cfgs += [replace(base, model=m, width=w, seed=1, data_seed=1) for m, w in [("vgg8", 0.125), ("vgg13", 0.25)]]
+    finished = run_dir_for(cfgs[4])
+    os.makedirs(finished)
+    with open(os.path.join(finished, "metrics.csv"), "w") as f:
+        f.write("epoch\n" + "".join(f"{e}\n" for e in range(1, 5)))
+    cost = work_left(cfgs)
+    assert cost[4] == 0 and cost[0] == cost[3] and cost[0] < cost[1] < cost[2]
+    plan = plan_cohorts(cfgs, workers=2)
+    assert len([c for c in plan if set(c) <= {0, 1, 2}]) >= 2  # seed 0's sizes trained side by side
+    assert makespan(plan, set(), 2, cost) < makespan([[0, 1, 2], [3, 4]], set(), 2, cost)
