@@ -105,7 +105,10 @@ def work_left(configs: list[Config]) -> list[float]:
     for cfg in configs:
         folder = run_dir_for(cfg)
         metrics = os.path.join(folder, "metrics.csv")
-        done = sum(1 for _ in open(metrics)) - 1 if os.path.isfile(metrics) else 0
+        done = 0
+        if os.path.isfile(metrics):
+            with open(metrics) as f:
+                done = sum(1 for _ in f) - 1  # a header, then one row per trained epoch
         end = cfg.stop_after or cfg.epochs
         failed = os.path.isfile(os.path.join(folder, FAILED_FILE))
         left = 0 if failed else max(end - done, 0)
