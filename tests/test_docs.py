@@ -46,6 +46,8 @@ HELP_ONLY = {
     "original_study.py": "CIFAR-100 and the released VGG16-BN teacher, downloaded (test_original_study.py runs "
     "every arm on generated CIFAR-100 with the download mocked)",
     "--profile original": "the released VGG16-BN teacher, downloaded (test_original_study.py runs it offline)",
+    "execute_notebook.py": "a notebook in the cpu profile takes hours (test_notebooks.py runs every notebook "
+    "through it in smoke; test_execute_notebook.py runs it on small notebooks)",
     "prose_numbers.py": "reads the committed notebooks (test_prose_numbers.py runs it on them and on made-up ones)",
     "benchmarks/kd_table.py": "hours of training on real CIFAR-10 (every method's smoke run is in its test file; "
     "--quick runs the script on generated data)",
