@@ -2,12 +2,14 @@
 
 exp = setup_experiment("Logit_Matching", profile="cpu")   # config, seeds, trained teacher, figure folder
 exp = setup_experiment("Logit_Matching", "cpu", pair="vgg13-mv2")   # another pair of pairs.py
+by = under_teachers({"kd": kd_cfg}, teacher_seeds(exp.cfg, [0, 1]), range(5))   # {"kd": {"teacher 0": runs, ...}}
 table = run_demo(make_config("cpu"))                      # teacher vs independent vs KD students
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import pandas as pd
@@ -59,6 +61,23 @@ def teacher_seeds(cfg: Config, seeds) -> list[RunResult]:
     teachers: seed 0 is the demo's own; the others train in parallel (``train_teachers``)."""
     base = teacher_config(cfg)
     return train_teachers([base if s == 0 else replace(base, seed=s, data_seed=s) for s in seeds])
+
+
+def under_teachers(
+    configs: Mapping[str, Config], teachers: Sequence[RunResult], seeds, jobs: int | str = "auto"
+) -> dict[str, dict[str, list[RunResult]]]:
+    """Each named config at ``seeds`` under each of ``teachers``, in one parallel call (one pool, so
+    cohorts and workers span all of them): ``{name: {"teacher <seed>": runs}}``, the students nested
+    in their teachers as ``analysis.compare_nested`` and ``nested_table`` take them."""
+    keys = [f"teacher {t.config.seed}" for t in teachers]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"the teachers need distinct seeds to be told apart; got {keys}")
+    seeds = list(seeds)
+    flat = [
+        replace(c, teacher=t.run_dir, seed=s, data_seed=s) for c in configs.values() for t in teachers for s in seeds
+    ]
+    done = iter(run_all(flat, jobs=jobs, desc=f"{len(configs)} configs x {len(keys)} teachers x {len(seeds)} seeds"))
+    return {name: {key: [next(done) for _ in seeds] for key in keys} for name in configs}
 
 
 @dataclass

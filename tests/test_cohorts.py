@@ -252,6 +252,28 @@ def test_new_teachers_train_in_parallel_at_one_thread_and_finished_ones_are_read
     assert b.config.seed == 1 and c.config.seed == 2
 
 
+def test_under_teachers_nests_each_config_s_seeds_in_each_teacher(smoke_cfg, tmp_path):
+    from analysis import nested_table
+    from experiment import teacher_config, train_teachers, under_teachers
+
+    base = teacher_config(smoke_cfg(teacher_epochs=1, out_dir=str(tmp_path)))
+    teachers = train_teachers([base, replace(base, seed=1, data_seed=1)], jobs=1)
+    student = smoke_cfg(epochs=1, out_dir=str(tmp_path), teacher_cache=True)
+    by = under_teachers(
+        {"kd": replace(student, method="kd"), "dkd": replace(student, method="dkd", warmup=0.1)}, teachers, [0, 1], 1
+    )
+    assert list(by) == ["kd", "dkd"] and list(by["kd"]) == ["teacher 0", "teacher 1"]
+    for name, method in (("kd", "kd"), ("dkd", "dkd")):
+        for t, key in zip(teachers, ["teacher 0", "teacher 1"], strict=True):
+            runs = by[name][key]
+            assert [r.config.seed for r in runs] == [r.config.data_seed for r in runs] == [0, 1]
+            assert {r.config.teacher for r in runs} == {t.run_dir} and {r.config.method for r in runs} == {method}
+    table = nested_table({"dkd − kd": (by["dkd"], by["kd"])})
+    assert list(table.index.get_level_values("teacher")) == ["teacher 0", "teacher 1", "pooled"]
+    with pytest.raises(ValueError, match="distinct seeds"):
+        under_teachers({"kd": student}, [teachers[0], teachers[0]], [0])
+
+
 def test_plan_weighs_runs_by_the_training_they_have_left(smoke_cfg):
     # the capacity teachers: three sizes of seed 0 in one cohort, and seed 1's two runs, one of them
     # already finished. Counting members, 3 | 2 looks balanced and nothing is split; by the work left
