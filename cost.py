@@ -171,3 +171,30 @@ def processor() -> str:
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
     isa = "avx512" if "avx512f" in info else "avx2" if "avx2" in info else "other"
     return f"{name} ({isa})"
+
+
+def native_bf16(device: str = "auto") -> bool:
+    """Whether bf16 matrix math runs natively on ``device`` (a config's ``device``): a CUDA GPU that
+    supports it, or a CPU with AVX512-BF16 or AMX-BF16. Other CPUs emulate it in oneDNN, where a bf16
+    teacher costs more than an fp32 one (docs/protocol.md: online rows 12.9-18.6x a CE step on an
+    AVX2 machine against 2.1-8.3x with native bf16)."""
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    flags = _cpuinfo()  # "" where unreadable (not Linux): emulation is the safe assumption
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _cpuinfo() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def fast_teacher_amp(device: str = "auto") -> str:
+    """The ``teacher_amp`` that makes an online teacher faster here: ``"bf16"`` where bf16 runs natively,
+    ``"off"`` elsewhere. The value is written into the run's config, so a result says which it used;
+    the two give students within noise of each other (docs/performance.md)."""
+    return "bf16" if native_bf16(device) else "off"

@@ -5,10 +5,11 @@
     python execute_notebook.py Feature_Distillation.ipynb --profile smoke --out-dir /tmp/runs
     nohup python execute_notebook.py Feature_Distillation.ipynb > logs/fd.log 2>&1 &
 
-Each cell's start and seconds go to stderr, so a background execution's log shows where it is.
-The executed notebook is written atomically when the last cell ends, and also when a cell fails (the
-error is in that cell's output): finished runs are in ``runs/`` either way and a second execution
-reuses them.
+Each cell's start and seconds go to stderr, so a background execution's log shows where it is, and
+after every cell the notebook so far is written beside the output as ``NAME.partial.ipynb`` (read
+the outputs of a long execution while it runs; removed at the end). The executed notebook is written
+atomically when the last cell ends, and also when a cell fails (the error is in that cell's output):
+finished runs are in ``runs/`` either way and a second execution reuses them.
 
 ``--outputs-from EXECUTED`` executes nothing: it writes the notebook (say, a copy whose discussion
 was written while another copy ran) with the outputs of EXECUTED. Their code cells must be
@@ -46,10 +47,11 @@ def notebook_env(profile: str, out_dir: str | None = None, data_dir: str | None 
     return env
 
 
-def execute(nb, env: dict[str, str], timeout: int | None = None, log=None) -> None:
+def execute(nb, env: dict[str, str], timeout: int | None = None, log=None, snapshot: str | None = None) -> None:
     """Run ``nb``'s cells in a fresh kernel started in the repository root, with ``env`` added to
-    this process's environment (the kernel inherits it). Raises ``CellExecutionError`` on a failing
-    cell, whose outputs then hold the traceback."""
+    this process's environment (the kernel inherits it); after each cell, ``nb`` so far is written to
+    ``snapshot`` if given. Raises ``CellExecutionError`` on a failing cell, whose outputs then hold
+    the traceback."""
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     started: dict[int, float] = {}
@@ -59,9 +61,11 @@ def execute(nb, env: dict[str, str], timeout: int | None = None, log=None) -> No
         if log:
             print(f"[{time.strftime('%H:%M:%S')}] cell {cell_index} started", file=log, flush=True)
 
-    def on_complete(cell, cell_index, **_):
+    def on_executed(cell, cell_index, **_):  # nbclient's on_cell_complete fires when the request is sent
         if log:
             print(f"  cell {cell_index}: {time.time() - started[cell_index]:.0f} s", file=log, flush=True)
+        if snapshot:
+            write_notebook(snapshot, nb)
 
     client = NotebookClient(
         nb,
@@ -69,7 +73,7 @@ def execute(nb, env: dict[str, str], timeout: int | None = None, log=None) -> No
         kernel_name="python3",
         resources={"metadata": {"path": str(ROOT)}},
         on_cell_start=on_start,
-        on_cell_complete=on_complete,
+        on_cell_executed=on_executed,
     )
     try:
         client.execute()
@@ -79,6 +83,11 @@ def execute(nb, env: dict[str, str], timeout: int | None = None, log=None) -> No
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def write_notebook(path, nb) -> None:
+    text = nbformat.writes(nb)
+    atomic_write_text(path, text if text.endswith("\n") else text + "\n")
 
 
 def with_prose(executed, edited):
@@ -113,16 +122,19 @@ def main(argv=None) -> int:
         raise SystemExit(f"no notebook {args.notebook!r}; the task notebooks: {names}")
     nb = nbformat.read(args.notebook, as_version=4)
     start, failed = time.time(), None
+    out = args.out or args.notebook
+    partial = str(Path(out).with_suffix(".partial.ipynb"))
     if args.outputs_from:
         nb = with_prose(nbformat.read(args.outputs_from, as_version=4), nb)
     else:
+        env = notebook_env(args.profile, args.out_dir, args.data_dir)
         try:
-            execute(nb, notebook_env(args.profile, args.out_dir, args.data_dir), args.timeout, log=sys.stderr)
+            execute(nb, env, args.timeout, log=sys.stderr, snapshot=partial)
         except Exception as err:  # the outputs so far are still written: the error is in its cell
             failed = err
-    out = args.out or args.notebook
-    text = nbformat.writes(nb)
-    atomic_write_text(out, text if text.endswith("\n") else text + "\n")
+    write_notebook(out, nb)
+    if os.path.exists(partial):
+        os.remove(partial)
     done = (
         f"outputs of {args.outputs_from}" if args.outputs_from else f"executed in {(time.time() - start) / 60:.1f} min"
     )

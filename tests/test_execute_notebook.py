@@ -36,6 +36,19 @@ def test_a_failing_cell_keeps_the_outputs_before_it(tmp_path):
     assert len(outs) == 2
 
 
+def test_each_cell_is_timed_and_the_notebook_so_far_written_after_it(tmp_path, capsys):
+    read_back = (
+        "import nbformat\n"
+        f"nb = nbformat.read({str(tmp_path / 'out.partial.ipynb')!r}, as_version=4)\n"
+        "print('seen:', nb.cells[1].outputs[0]['text'].strip())"
+    )
+    src = _notebook(tmp_path / "a.ipynb", "import time\ntime.sleep(1.6)\nprint('first')", read_back)
+    assert main([str(src), "--profile", "smoke", "--out", str(tmp_path / "out.ipynb")]) == 0
+    assert _outputs(tmp_path / "out.ipynb")[1]["text"] == "seen: first\n"  # written before cell 2 ran
+    assert not (tmp_path / "out.partial.ipynb").exists()
+    assert "cell 1: 2 s" in capsys.readouterr().err  # the cell's run time, not the time to send it
+
+
 def test_prose_is_merged_onto_identical_code_only(tmp_path):
     executed = nbformat.read(_notebook(tmp_path / "a.ipynb", "x = 1"), as_version=4)
     executed.cells[1].outputs = [nbformat.v4.new_output("stream", text="ran\n")]

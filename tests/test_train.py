@@ -180,6 +180,19 @@ def test_state_bytes_counts_the_frozen_teacher_and_optimizer_state():
     assert train_kd.state_bytes(task, opt) == 2 * params(student) + params(teacher)
 
 
+def test_the_fast_teacher_precision_is_bf16_only_where_the_cpu_runs_it_natively(monkeypatch):
+    import cost
+
+    for flags, expected in [
+        ("flags : fpu sse2 avx2 avx512f avx512bw avx512_vnni", "off"),  # oneDNN emulates bf16 here
+        ("flags : fpu avx2 avx512f avx512_bf16", "bf16"),
+        ("flags : fpu avx2 avx512f amx_tile amx_bf16", "bf16"),
+        ("", "off"),  # /proc/cpuinfo unreadable
+    ]:
+        monkeypatch.setattr(cost, "_cpuinfo", lambda flags=flags: flags)
+        assert cost.fast_teacher_amp("cpu") == expected, flags
+
+
 def test_a_method_that_cannot_run_is_an_error_of_measure_cost_not_a_hang(smoke_cfg, smoke_teacher):
     from cost import measure_cost
 
