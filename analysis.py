@@ -86,6 +86,15 @@ ACCURACY_COLUMNS = ("last_top1", "last_top5", "best_top1", "best_top5")
 RUN_IDENTITY = ("seed", "data_seed", "init_from", "out_dir", "data_dir")
 
 
+def history_minutes(metrics: pd.DataFrame) -> float:
+    """One run's minutes had it been alone, from its metrics alone: CPU time per thread where the
+    epochs have it, else their wall ``seconds`` (``minutes_alone`` without its pooled estimate)."""
+    per_thread = metrics["seconds"] * math.nan
+    if {"cpu_seconds", "threads"} <= set(metrics):
+        per_thread = (metrics["cpu_seconds"] / metrics["threads"]).where(metrics["threads"] > 0)
+    return float(per_thread.fillna(metrics["seconds"]).sum() / 60)
+
+
 def minutes_alone(run_dirs: Iterable[str]) -> pd.Series:
     """Each run's training minutes had it had its cores to itself, indexed by run folder.
 
@@ -118,16 +127,24 @@ def minutes_alone(run_dirs: Iterable[str]) -> pd.Series:
     )
 
 
-def time_report(run_dirs: Iterable[str], started: float | None = None, cores: int = 2) -> str:
+def time_report(
+    run_dirs: Iterable[str], started: float | None = None, cores: int = 2, recorded: Iterable[float] = ()
+) -> str:
     """The one statement of a notebook's time, for all four: its runs' minutes had each had its
     cores alone (``minutes_alone``: recorded CPU time per thread; a cohort's members share its
     teacher's time), that total over ``cores`` runs at a time as the from-scratch wall time, and,
-    with ``started`` (a ``time.time()``), this execution's measured wall time."""
+    with ``started`` (a ``time.time()``), this execution's measured wall time. ``recorded``: the
+    ``minutes_alone`` of runs read from a record (``run_records.py``; a sweep table's column), which
+    count as the others do."""
     alone = minutes_alone(run_dirs)
+    extra = [float(m) for m in recorded]
+    total, n = alone.sum() + sum(extra), len(alone) + len(extra)
     text = (
-        f"{len(alone)} runs: {alone.sum():.1f} min had each run been alone (recorded CPU time per thread); "
-        f"from scratch about {alone.sum() / cores:.1f} min of wall time at {cores} runs at a time"
+        f"{n} runs: {total:.1f} min had each run been alone (recorded CPU time per thread); "
+        f"from scratch about {total / cores:.1f} min of wall time at {cores} runs at a time"
     )
+    if extra:
+        text += f" ({len(extra)} of the runs read from a record, trained in an earlier session)"
     if started is not None:
         text += f"; this execution: {(time.time() - started) / 60:.1f} min (finished runs are read back, not retrained)"
     return text

@@ -24,7 +24,7 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 
-from analysis import FAILED, failed_rows, summarize
+from analysis import FAILED, failed_rows, history_minutes, summarize
 from atomic_files import atomic_write_text
 from cohorts import plan_cohorts, run_cohort
 from config import Config, check_config, config_keys
@@ -33,6 +33,7 @@ from progress import progress_bars, progress_enabled
 from pruning import Prune, prune_runs
 from registry import METHODS, resolve_recipe
 from run_folders import failure_mark, run_dir_for, run_name
+from run_records import RunRecords
 from runs import RunResult
 
 
@@ -315,6 +316,7 @@ def sweep(
     prune: Prune | None = None,
     extend: dict[str, float] | None = None,
     max_extensions: int = 2,
+    record: str | None = None,
 ) -> pd.DataFrame:
     """Train every cell of ``grid`` × ``seeds`` (in parallel) and return one row per run.
 
@@ -341,9 +343,14 @@ def sweep(
     ``max_extensions`` times per axis. The rows then cover the extended grid, and
     ``df.attrs["extended"]`` lists the values each axis gained (a pick still on an edge after
     ``max_extensions`` is said in ``attrs["edge"]``).
+
+    ``record`` (a CSV path, ``run_records.py``): runs found there are read back instead of trained,
+    in every batch (pruning rungs included), with their provenance in column ``recorded``; every run
+    trained here is added to it. A grid trained in one session is so picked again, identically, in
+    the next on a machine without its run folders.
     """
-    out = sweep_grids({"": (cfg, grid)}, seeds, jobs, best_by, run, cohorts, prune, {"": extend or {}}, max_extensions)
-    return out[""]
+    extend = {"": extend or {}}
+    return sweep_grids({"": (cfg, grid)}, seeds, jobs, best_by, run, cohorts, prune, extend, max_extensions, record)[""]
 
 
 def sweep_grids(
@@ -356,6 +363,7 @@ def sweep_grids(
     prune: Prune | None = None,
     extend: dict[str, dict[str, float]] | None = None,
     max_extensions: int = 2,
+    record: str | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Several ``sweep``s trained together: ``{"at": (at_cfg, {"feat_weight": [...]}), ...}`` → one
     table per name, each as ``sweep`` returns it (its own pick, pruning and edge extension).
@@ -363,7 +371,8 @@ def sweep_grids(
     Every batch (each pruning rung, the rest, each round of extensions) is one ``run_many`` call over
     all grids, so runs of different grids that share a teacher and a data stream train as one
     cohort, and the workers stay busy across grids. Pruning judges each grid's cells against that
-    grid's own best. ``extend`` maps a grid's name to its axes and factors (``{"at": {"feat_weight": 3}}``).
+    grid's own best. ``extend`` maps a grid's name to its axes and factors (``{"at": {"feat_weight": 3}}``);
+    ``record`` is ``sweep``'s, one file for all the grids.
     """
     grids = {name: (cfg, {k: list(v) for k, v in grid.items()}) for name, (cfg, grid) in grids.items()}
     extend = {name: axes for name, axes in (extend or {}).items() if axes}
@@ -376,8 +385,9 @@ def sweep_grids(
                     f"extend={axes!r}: {axis!r} is not a single-field axis of the grid {list(grids[name][1])}"
                 )
     added = {name: {axis: [] for axis in axes} for name, axes in extend.items()}
+    records = RunRecords(record) if record else None
     while True:
-        out = _sweep_grids(grids, seeds, jobs, best_by, run, cohorts, prune)
+        out = _sweep_grids(grids, seeds, jobs, best_by, run, cohorts, prune, records)
         nxt = {
             name: {a: _past_edge(grids[name][1][a], out[name].attrs["best"][a], f) for a, f in axes.items()}
             for name, axes in extend.items()
@@ -408,13 +418,17 @@ def _past_edge(values: list, pick, factor: float):
     return None
 
 
-def _sweep_grids(grids, seeds, jobs, best_by, run, cohorts, prune) -> dict[str, pd.DataFrame]:
+def _sweep_grids(grids, seeds, jobs, best_by, run, cohorts, prune, records=None) -> dict[str, pd.DataFrame]:
     runs = [
         (name, cell, seed, c) for name, (cfg, grid) in grids.items() for cell, seed, c in expand_grid(cfg, grid, seeds)
     ]
 
     def batch(cfgs, desc):
-        return run_many(cfgs, jobs=jobs, run=run, desc=desc, cohorts=cohorts)
+        if records is None:
+            return run_many(cfgs, jobs=jobs, run=run, desc=desc, cohorts=cohorts)
+        return _recorded_batch(
+            records, cfgs, lambda todo: run_many(todo, jobs=jobs, run=run, desc=desc, cohorts=cohorts)
+        )
 
     stopped, partial = {}, {}
     if prune is not None:
@@ -447,6 +461,19 @@ def _sweep_grids(grids, seeds, jobs, best_by, run, cohorts, prune) -> dict[str, 
     return out
 
 
+def _recorded_batch(records: RunRecords, cfgs: list[Config], train) -> list[dict]:
+    """``train(cfgs)``'s results, with the runs ``records`` holds read from it and the others added to it."""
+    out = [records.lookup(c) for c in cfgs]
+    todo = [i for i, res in enumerate(out) if res is None]
+    if todo:
+        for i, res in zip(todo, train([cfgs[i] for i in todo]), strict=True):
+            out[i] = res
+            if "history" in res:
+                records.add(cfgs[i], res["history"], res["run_dir"])
+        records.save()  # after each batch: a session that ends mid-grid keeps every batch it finished
+    return out
+
+
 def _sweep_row(cell: dict, seed: int, run_cfg: Config, res: dict, stopped, prune, failed: list) -> dict:
     """One run's row of a sweep table; a run that raised (not a marked failure) is added to ``failed``."""
     row = {**cell, "seed": seed, "threads": run_cfg.threads}
@@ -457,19 +484,32 @@ def _sweep_row(cell: dict, seed: int, run_cfg: Config, res: dict, stopped, prune
     if "error" in res:
         failed.append(f"{run_name(run_cfg)}: {res['error']}")
         return {**row, "run_dir": run_dir_for(run_cfg), "error": res["error"]}
-    return {**row, "run_dir": res["run_dir"], **run_metrics(res["history"])}
+    recorded = {"recorded": res["recorded"]} if "recorded" in res else {}
+    return {**row, "run_dir": res["run_dir"], **run_metrics(res["history"]), **recorded}
 
 
-def cell_runs(df: pd.DataFrame, cfg: Config, cell: dict, jobs: int | str = "auto") -> list[RunResult]:
+def cell_runs(
+    df: pd.DataFrame, cfg: Config, cell: dict, jobs: int | str = "auto", record: str | None = None
+) -> list[RunResult]:
     """The runs of one cell of a sweep's table (``cfg`` its base), read back as ``run_seeds`` gives
-    them, one per seed; a cell that pruning stopped is read at the epoch it stopped, not trained on."""
+    them, one per seed; a cell that pruning stopped is read at the epoch it stopped, not trained on.
+    Rows the sweep read from ``record`` (column ``recorded``) come back from it with their metrics
+    and no weights (``model`` None): their folders are on the machine that trained them."""
     rows = df[np.logical_and.reduce([df[k] == v for k, v in cell.items()])] if cell else df.iloc[0:0]
     if rows.empty:
         cells = df[df.attrs.get("keys", list(cell))].drop_duplicates().to_dict("records")
         raise ValueError(f"no cell {cell} in this sweep; its cells: {cells}")
     stop = rows["pruned_at"].max() if "pruned_at" in rows else np.nan
-    extra = {} if pd.isna(stop) else {"stop_after": int(stop)}
-    return run_seeds(replace(cfg, **cell, **extra), sorted(rows["seed"]), jobs)
+    base = replace(cfg, **cell, **({} if pd.isna(stop) else {"stop_after": int(stop)}))
+    seeds = sorted(rows["seed"])
+    if record is None or "recorded" not in rows or rows["recorded"].isna().all():
+        return run_seeds(base, seeds, jobs)
+    records = RunRecords(record)
+    cfgs = [replace(base, seed=s, data_seed=s, name="", threads=base.threads or 1) for s in seeds]
+    found = [records.lookup(c) for c in cfgs]
+    if any(f is None for f in found):
+        raise ValueError(f"the record {record} no longer holds every run of the cell {cell}: sweep again")
+    return [RunResult(None, f["history"], f["run_dir"], c) for f, c in zip(found, cfgs, strict=True)]
 
 
 def run_metrics(history: pd.DataFrame) -> dict:
@@ -483,6 +523,7 @@ def run_metrics(history: pd.DataFrame) -> dict:
         "best_epoch": s["best_epoch"],
         "test_top1_at_best": s["best_top1"],
         "minutes": s["train_seconds"] / 60,
+        "minutes_alone": history_minutes(history),
     } | ({FAILED: s[FAILED]} if FAILED in s else {})
 
 

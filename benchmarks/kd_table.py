@@ -28,9 +28,7 @@ nothing here is picked, and the table is labelled untuned.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
-import subprocess
 import sys
 from dataclasses import replace
 
@@ -47,6 +45,7 @@ from pairs import default_pair, get_pair, pair_config, pairs  # noqa: E402
 from pruning import Prune  # noqa: E402
 from published import published_frame  # noqa: E402
 from registry import METHODS, loss_methods  # noqa: E402
+from run_records import code_commit  # noqa: E402
 from runs import make_loaders, run_lock, train  # noqa: E402
 from sweeps import RunsFailed, sweep  # noqa: E402
 from tuning import FACTORS, MAX_EXTENSIONS, confirm, tune  # noqa: E402
@@ -99,7 +98,7 @@ def run(args) -> pd.DataFrame:
     df.insert(0, "pair", args.pair)
     trained = [d for d in df["run_dir"] if os.path.isfile(os.path.join(d, "checkpoint.pt"))]
     df["minutes_alone"] = df["run_dir"].map(minutes_alone(trained))
-    df["commit"] = _commit()
+    df["commit"] = code_commit()
     df["processor"] = processor()  # runs on two kinds of processor differ in their bits: do not pair them
     keep = [
         "pair",
@@ -147,7 +146,7 @@ def step_costs(args) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if "ce" in set(df["method"]):
         df["relative_to_ce"] = df["seconds_per_step"] / df.loc[df["method"] == "ce", "seconds_per_step"].iloc[0]
-    df["commit"], df["processor"] = _commit(), processor()
+    df["commit"], df["processor"] = code_commit(), processor()
     return df
 
 
@@ -435,7 +434,7 @@ def tuned_runs(args) -> pd.DataFrame:
     df["minutes_alone"] = df["run_dir"].map(minutes_alone(trained))
     df.insert(0, "pair", args.pair)
     df["teacher"] = os.path.basename(next(iter(bases.values())).teacher)
-    df["commit"], df["processor"] = _commit(), processor()
+    df["commit"], df["processor"] = code_commit(), processor()
     keep = ["pair", "method", "param", "value", "seed", "stage", "picked", "pick_on_edge", "pruned_at", "teacher",
             "val_top1", "test_top1", "minutes_alone", FAILED, "error", "commit", "processor"]  # fmt: skip
     return df[[c for c in keep if c in df]]
@@ -516,17 +515,8 @@ def markdown(t: pd.DataFrame) -> str:
     return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in rows)
 
 
-@functools.cache
-def _commit() -> str:
-    """The commit (and whether the tree had changes) of the code this process runs: read once, when
-    ``main`` starts, not when rows are written hours later."""
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=DOCS)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
-    return out.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
-
-
 def main(argv=None) -> pd.DataFrame:
-    _commit()  # the code this process runs, before anything can change the tree
+    code_commit()  # the code this process runs, before anything can change the tree
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke profile on generated data")
     parser.add_argument("--table-only", action="store_true", help="rebuild the table from the CSV, train nothing")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cost import processor  # noqa: E402
 from distiller import distill, distill_together  # noqa: E402
 from pruning import Prune  # noqa: E402
+from run_records import code_commit  # noqa: E402
 from train_eval import TIMING_COLUMNS, make_config, train  # noqa: E402
 from train_kd import sweep, teacher_config  # noqa: E402
 
@@ -170,7 +170,7 @@ def main(argv=None) -> dict:
             report[row] = ROWS[row](args, teacher)
             # rows kept from an earlier run keep their own provenance
             for part in report[row] if isinstance(report[row], list) else [report[row]]:
-                part.update(commit=_commit(), processor=processor())
+                part.update(commit=code_commit(), processor=processor())
         report["timing_columns_ignored"] = TIMING_COLUMNS
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
@@ -185,12 +185,6 @@ ROWS = {
     "test_read_at_end": test_reading_row,
     "pruning": pruning_row,
 }
-
-
-def _commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
-    return out.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 def _existing(path: str) -> dict:
