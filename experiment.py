@@ -3,6 +3,7 @@
 exp = setup_experiment("Logit_Matching", profile="cpu")   # config, seeds, trained teacher, figure folder
 exp = setup_experiment("Logit_Matching", "cpu", pair="vgg13-mv2")   # another pair of pairs.py
 by = under_teachers({"kd": kd_cfg}, teacher_seeds(exp.cfg, [0, 1]), range(5))   # {"kd": {"teacher 0": runs, ...}}
+start_teachers(exp.cfg, [1])   # teacher 1 trains in the background; teacher_seeds(exp.cfg, [0, 1]) later waits for it
 table = run_demo(make_config("cpu"))                      # teacher vs independent vs KD students
 """
 
@@ -61,6 +62,38 @@ def teacher_seeds(cfg: Config, seeds) -> list[RunResult]:
     teachers: seed 0 is the demo's own; the others train in parallel (``train_teachers``)."""
     base = teacher_config(cfg)
     return train_teachers([base if s == 0 else replace(base, seed=s, data_seed=s) for s in seeds])
+
+
+def start_teachers(cfg: Config, seeds):
+    """Start training the teachers of ``seeds`` (``teacher_seeds``' configs, 1 thread each) in a
+    background process and return it (None if all are trained): the caller goes on with work that
+    needs only teacher 0, on the core a lone 1-thread teacher would leave idle, and a later
+    ``teacher_seeds`` with these seeds waits for them (a run folder is trained by one process at a
+    time) and reads them back. The process dies with its parent; a run it leaves unfinished resumes."""
+    import multiprocessing as mp
+
+    base = teacher_config(cfg)
+    configs = [resolve_recipe(base if s == 0 else replace(base, seed=s, data_seed=s)) for s in seeds]
+    missing = [c for c in configs if not any(_finished(v) for v in (c, replace(c, threads=1)))]
+    if not missing:
+        return None
+    proc = mp.get_context("spawn").Process(
+        target=_train_teachers_here, args=(missing, os.getpid()), name="teachers", daemon=True
+    )
+    proc.start()
+    return proc
+
+
+def _finished(cfg: Config) -> bool:
+    cfg = resolve_recipe(cfg)
+    return finished_run(run_dir_for(cfg), cfg, repair=False) is not None
+
+
+def _train_teachers_here(configs: list[Config], parent: int) -> None:
+    from sweeps import _worker_init
+
+    _worker_init(parent)
+    train_teachers(configs, jobs=1)
 
 
 def under_teachers(

@@ -1,6 +1,8 @@
 """Cohorts: runs that share a data stream and a teacher train together, each exactly as alone."""
 
+import glob
 import os
+import time
 from dataclasses import replace
 
 import pytest
@@ -8,7 +10,7 @@ import torch
 
 import train_eval
 from checkpoints import read_checkpoint
-from conftest import assert_same_run
+from conftest import HANG_SECONDS, assert_same_run
 from distiller import distill, distill_together
 
 MIXED = [
@@ -250,6 +252,21 @@ def test_new_teachers_train_in_parallel_at_one_thread_and_finished_ones_are_read
     assert a.run_dir == first.run_dir and a.config.threads == 2
     assert b.config.threads == c.config.threads == 1 and len({a.run_dir, b.run_dir, c.run_dir}) == 3
     assert b.config.seed == 1 and c.config.seed == 2
+
+
+def test_a_teacher_started_in_the_background_is_the_one_teacher_seeds_reads_back(smoke_cfg, tmp_path):
+    from experiment import start_teachers, teacher_seeds
+
+    cfg = smoke_cfg(teacher_epochs=2, out_dir=str(tmp_path))
+    proc = start_teachers(cfg, [1])
+    assert proc is not None and proc.is_alive()
+    started = time.time()
+    while not glob.glob(os.path.join(tmp_path, "*-s1-*", "config.json")) and time.time() - started < HANG_SECONDS:
+        time.sleep(0.2)  # until the background process has begun training
+    t1 = teacher_seeds(cfg, [1])[0]  # waits on the run folder the background process trains, then reads it
+    proc.join(timeout=HANG_SECONDS)
+    assert proc.exitcode == 0 and t1.config.seed == 1 and t1.config.threads == 1 and len(t1.history) == 2
+    assert start_teachers(cfg, [1]) is None  # nothing left to train
 
 
 def test_under_teachers_nests_each_config_s_seeds_in_each_teacher(smoke_cfg, tmp_path):
