@@ -113,7 +113,11 @@ def test_layer_summary_agrees_with_parameter_count():
 
 @pytest.mark.parametrize("method", ["ce", "kd", "fitnet+kd", "at"])
 def test_mobilenetv2_student_learns_under_a_vgg_teacher(method, smoke_cfg, smoke_teacher):
-    """The cross-family pair (VGG teacher, MobileNetV2 student) trains through the one loop, features and all."""
-    cfg = smoke_cfg(model="mobilenetv2", width=0.5, method=method, teacher=smoke_teacher.run_dir, epochs=3)
+    """The cross-family pair (VGG teacher, MobileNetV2 student) trains through the one loop, features and all.
+
+    Six epochs, because three left AT's student at chance on one CI processor (11.5%): its BatchNorm
+    statistics settle late under the beta-1000 attention term (val 10% for two epochs on every seed).
+    Over seeds 0-4 here, six epochs gave 47.5-90% for AT and FitNet+KD (chance: 10%)."""
+    cfg = smoke_cfg(model="mobilenetv2", width=0.5, method=method, teacher=smoke_teacher.run_dir, epochs=6)
     h = load_history(distill(cfg).run_dir)
-    assert h["train_loss"].iloc[-1] < h["train_loss"].iloc[0] and h["val_top1"].iloc[-1] > 20
+    assert h["train_loss"].iloc[-1] < h["train_loss"].iloc[0] and h["val_top1"].iloc[-1] > 25
