@@ -161,10 +161,8 @@ def measure_cost(cfg: Config, steps: int = 20) -> dict:
 
 def processor() -> str:
     """The CPU's model name and its widest vector instructions (what decides oneDNN's kernels)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-    except OSError:
+    info = _cpuinfo()
+    if not info:  # not Linux
         import platform
 
         return platform.processor() or "unknown"
@@ -186,6 +184,7 @@ def native_bf16(device: str = "auto") -> bool:
 
 
 def _cpuinfo() -> str:
+    """/proc/cpuinfo's text, or "" where it cannot be read."""
     try:
         with open("/proc/cpuinfo") as f:
             return f.read()

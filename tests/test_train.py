@@ -193,6 +193,20 @@ def test_the_fast_teacher_precision_is_bf16_only_where_the_cpu_runs_it_natively(
         assert cost.fast_teacher_amp("cpu") == expected, flags
 
 
+def test_the_processor_names_its_model_and_widest_vector_instructions(monkeypatch):
+    import cost
+
+    for info, expected in [
+        ("model name\t: Xeon X\nflags\t: fpu avx2 avx512f\n", "Xeon X (avx512)"),
+        ("model name\t: EPYC Y\nflags\t: fpu avx2\n", "EPYC Y (avx2)"),
+        ("model name\t: Z\nflags\t: fpu neon\n", "Z (other)"),
+    ]:
+        monkeypatch.setattr(cost, "_cpuinfo", lambda info=info: info)
+        assert cost.processor() == expected
+    monkeypatch.setattr(cost, "_cpuinfo", lambda: "")  # not Linux: the platform's own name, never empty
+    assert cost.processor()
+
+
 def test_a_method_that_cannot_run_is_an_error_of_measure_cost_not_a_hang(smoke_cfg, smoke_teacher):
     from cost import measure_cost
 
