@@ -49,12 +49,15 @@ def record_key(cfg: Config) -> str:
 
 @functools.cache
 def code_commit() -> str:
-    """The commit of the code this process runs, ``+changes`` if the tree had edits: read once, at the
-    first call (call it when a long job starts, not when its rows are written hours later)."""
+    """The commit of the code this process runs, ``+changes`` if a tracked Python file had edits (a
+    record's own CSV changing under a running grid is not a code change): read once, at the first call,
+    which ``RunRecords`` makes when it opens a record (a grid's start, not hours later when its rows
+    are written and HEAD may have moved)."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=here, capture_output=True, text=True)
+        status = ["git", "status", "--porcelain", "-uno", "--", "*.py"]
+        dirty = subprocess.run(status, cwd=here, capture_output=True, text=True)
     except OSError:
         return "unknown"
     return sha.stdout.strip() + ("+changes" if dirty.stdout.strip() else "") if sha.returncode == 0 else "unknown"
@@ -66,7 +69,10 @@ class RunRecords:
 
     def __init__(self, path: str):
         self.path = path
-        self.rows = pd.read_csv(path) if os.path.isfile(path) else pd.DataFrame(columns=KEY_COLUMNS)
+        # as text: a commit such as 9e55246 would otherwise be read as the float 9 x 10^55246 (inf)
+        text = dict.fromkeys(KEY_COLUMNS, str)
+        self.rows = pd.read_csv(path, dtype=text) if os.path.isfile(path) else pd.DataFrame(columns=KEY_COLUMNS)
+        self._commit = code_commit()
         self._processor = None
         self._added: set[str] = set()  # trained by this process: read back from their folders, not from here
 
@@ -100,7 +106,7 @@ class RunRecords:
 
             self._processor = processor()
         name = os.path.basename(os.path.normpath(run_dir))
-        new = history.assign(key=key, run_name=name, processor=self._processor, commit=code_commit())
+        new = history.assign(key=key, run_name=name, processor=self._processor, commit=self._commit)
         kept = self.rows[self.rows["key"] != key]
         self.rows = pd.concat([kept, new[KEY_COLUMNS + list(history.columns)]], ignore_index=True) if len(kept) else new
 

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 from test_protocol import peak_at_t6
 
+import run_records
 from analysis import time_report
 from run_records import RunRecords, main, record_key
 from sweeps import cell_runs, sweep
@@ -84,3 +85,17 @@ def test_the_command_records_finished_folders(smoke_teacher, tmp_path):
     pd.testing.assert_series_equal(
         found["history"]["val_top1"], load_history(smoke_teacher.run_dir)["val_top1"], check_dtype=False
     )
+
+
+def test_a_commit_that_looks_like_a_number_reads_back_as_text(smoke_cfg, tmp_path, monkeypatch):
+    # 9e55246 parses as the float 9 x 10^55246: read as a number, a record said "at inf" and saved that
+    monkeypatch.setattr(run_records, "code_commit", lambda: "9e55246")
+    path = str(tmp_path / "r.csv")
+    history = pd.DataFrame({"epoch": [1], "val_top1": [10.0], "seconds": 1.0})
+    records = RunRecords(path)
+    records.add(smoke_cfg(epochs=1), history, str(tmp_path / "runs" / "run-a"))
+    records.save()
+    reread = RunRecords(path)
+    assert reread.lookup(smoke_cfg(epochs=1))["recorded"].endswith(" at 9e55246")
+    reread.save()  # a later session saving what it read keeps the commit as it was
+    assert pd.read_csv(path, dtype=str)["commit"].tolist() == ["9e55246"]
