@@ -485,14 +485,25 @@ def _sweep_row(cell: dict, seed: int, run_cfg: Config, res: dict, stopped, prune
         failed.append(f"{run_name(run_cfg)}: {res['error']}")
         return {**row, "run_dir": run_dir_for(run_cfg), "error": res["error"]}
     recorded = {"recorded": res["recorded"]} if "recorded" in res else {}
-    return {**row, "run_dir": res["run_dir"], **run_metrics(res["history"]), **recorded}
+    return {**row, "run_dir": res["run_dir"], **run_metrics(_to_rung(res["history"], stopped)), **recorded}
+
+
+def _to_rung(history: pd.DataFrame, stopped) -> pd.DataFrame:
+    """A stopped run's history up to the epoch it stopped at, without test: what pruning judged, even
+    where its folder was later resumed to the end (a check of the rule, or a user's ``run_seeds`` on the
+    cell), whose test read at its validation-best epoch may fall before the rung."""
+    if stopped is None or pd.isna(stopped):
+        return history
+    test = [c for c in history.columns if c.startswith("test_")]
+    return history[history["epoch"] <= stopped].drop(columns=test).reset_index(drop=True)
 
 
 def cell_runs(
     df: pd.DataFrame, cfg: Config, cell: dict, jobs: int | str = "auto", record: str | None = None
 ) -> list[RunResult]:
     """The runs of one cell of a sweep's table (``cfg`` its base), read back as ``run_seeds`` gives
-    them, one per seed; a cell that pruning stopped is read at the epoch it stopped, not trained on.
+    them, one per seed; a cell that pruning stopped is read at the epoch it stopped, not trained on (its
+    history ends there; its model is the folder's, later than that where the run was since resumed).
     Rows the sweep read from ``record`` (column ``recorded``) come back from it with their metrics
     and no weights (``model`` None): their folders are on the machine that trained them."""
     rows = df[np.logical_and.reduce([df[k] == v for k, v in cell.items()])] if cell else df.iloc[0:0]
@@ -503,7 +514,7 @@ def cell_runs(
     base = replace(cfg, **cell, **({} if pd.isna(stop) else {"stop_after": int(stop)}))
     seeds = sorted(rows["seed"])
     if record is None or "recorded" not in rows or rows["recorded"].isna().all():
-        return run_seeds(base, seeds, jobs)
+        return [replace(r, history=_to_rung(r.history, stop)) for r in run_seeds(base, seeds, jobs)]
     records = RunRecords(record)
     cfgs = [replace(base, seed=s, data_seed=s, name="", threads=base.threads or 1) for s in seeds]
     found = [records.lookup(c) for c in cfgs]

@@ -91,6 +91,12 @@ def test_pruning_stops_the_hopeless_cells_and_keeps_the_full_grids_pick(smoke_cf
     # asked again without pruning, the stopped runs resume to the end: the full grid's table
     resumed = sweep(replace(cfg, out_dir=str(tmp_path / "pruned")), grid, seeds=range(3), jobs=1)
     pd.testing.assert_series_equal(resumed["val_top1"], full["val_top1"])
+    # pruned again after that: the same table, its stopped cell read where pruning judged it, not at the end
+    again = sweep(replace(cfg, out_dir=str(tmp_path / "pruned")), grid, seeds=range(3), jobs=1, prune=Prune())
+    pd.testing.assert_series_equal(again["val_top1"], pruned["val_top1"])
+    assert again.attrs["best"] == pruned.attrs["best"] and again.loc[again["lr"] == 0.002, "test_top1"].isna().all()
+    at = cell_runs(again, replace(cfg, out_dir=str(tmp_path / "pruned")), {"lr": 0.002}, jobs=1)
+    assert [len(r.history) for r in at] == [int(e) for e in stopped.sort_values("seed")["pruned_at"]]
 
 
 def test_pruning_needs_a_validation_split(smoke_cfg):
