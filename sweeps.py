@@ -118,6 +118,8 @@ def run_many(
     jobs = default_jobs(max(c.threads for c in configs) if configs else 1) if jobs == "auto" else jobs
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a whole number >= 1 or 'auto', got {jobs!r}")
+    if not configs:  # e.g. a notebook's list of pruned cells where nothing was pruned
+        return []
     if run is distill:
         teacher_checks(configs)  # once here, not once in every worker
     from tqdm.auto import tqdm

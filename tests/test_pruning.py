@@ -12,7 +12,7 @@ from checkpoints import read_checkpoint
 from config import check_config
 from pruning import Prune, behind
 from runs import train
-from sweeps import cell_runs, sweep
+from sweeps import cell_runs, run_all, sweep
 from train_eval import TIMING_COLUMNS
 
 
@@ -97,6 +97,10 @@ def test_pruning_stops_the_hopeless_cells_and_keeps_the_full_grids_pick(smoke_cf
     assert again.attrs["best"] == pruned.attrs["best"] and again.loc[again["lr"] == 0.002, "test_top1"].isna().all()
     at = cell_runs(again, replace(cfg, out_dir=str(tmp_path / "pruned")), {"lr": 0.002}, jobs=1)
     assert [len(r.history) for r in at] == [int(e) for e in stopped.sort_values("seed")["pruned_at"]]
+
+
+def test_an_empty_batch_of_runs_is_no_runs():
+    assert run_all([], jobs=2) == [] and run_all([]) == []  # a check of the pruned cells where none was pruned
 
 
 def test_pruning_needs_a_validation_split(smoke_cfg):
