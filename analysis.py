@@ -35,6 +35,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -135,8 +136,13 @@ def time_report(
     teacher's time), that total over ``cores`` runs at a time as the from-scratch wall time, and,
     with ``started`` (a ``time.time()``), this execution's measured wall time. ``recorded``: the
     ``minutes_alone`` of runs read from a record (``run_records.py``; a sweep table's column), which
-    count as the others do."""
+    count as the others do. Indexed by run folder (``table.set_index("run_dir")["minutes_alone"]``),
+    a recorded run whose folder is among ``run_dirs`` counts once, from its folder: a grid cell's run
+    that a later table reuses, or a pruned one resumed to the end, holds every epoch trained."""
     alone = minutes_alone(run_dirs)
+    names = {os.path.basename(os.path.normpath(d)) for d in alone.index}
+    if isinstance(recorded, pd.Series) and pd.api.types.is_string_dtype(recorded.index):
+        recorded = recorded[~recorded.index.map(lambda d: os.path.basename(os.path.normpath(d))).isin(names)]
     extra = [float(m) for m in recorded]
     total, n = alone.sum() + sum(extra), len(alone) + len(extra)
     text = (

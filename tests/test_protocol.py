@@ -409,6 +409,16 @@ def test_time_report_states_minutes_alone_and_the_from_scratch_wall_time(tmp_pat
     )
 
 
+def test_time_report_counts_a_recorded_run_whose_folder_is_here_once_from_its_folder(tmp_path):
+    a = _timed_run(tmp_path / "a", [60, 60], seed=0, data_seed=0)  # a grid run, resumed: 2 min in its folder
+    # the record holds a (to its pruning rung: 0.5 min) and c (trained elsewhere: 3 min), by run folder
+    recorded = pd.Series([0.5, 3.0], index=["runs/a", "runs/c"])
+    text = analysis.time_report([a], recorded=recorded)
+    assert text.startswith("2 runs: 5.0 min") and "1 of the runs read from a record" in text
+    # minutes without folders (a column with the table's own index) all count
+    assert analysis.time_report([a], recorded=[0.5, 3.0]).startswith("3 runs: 5.5 min")
+
+
 def test_minutes_alone_counts_cpu_time_per_thread_where_the_epochs_have_it(tmp_path):
     cpu = {"cpu_seconds": [float("nan"), 9, 20], "threads": [1, 1, 2]}  # resumed: its first epoch has no CPU time
     c = _timed_run(tmp_path / "c", [12, 30, 30], cpu)  # wall time inflated by a job beside it
