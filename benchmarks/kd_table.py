@@ -15,9 +15,10 @@ demo's: VGG13 x1/4 teacher, seed 0, and VGG8 x1/8 student; 10,000 images, 30 epo
 counted in epochs of the release's 240-epoch schedule are scaled to this one (DKD's and ReviewKD's
 warm-up 20 → 2.5, CTKD's curriculum 10 → 1.25), and CRD draws the release's share of negatives
 (16,384 of 50,000 images → 3,277 of 10,000); FSP, AB and FT take their init stage as the same share
-of the run as the release. The teacher of feature methods runs under bf16 autocast (`--teacher-amp
-off`: fp32, faster where the CPU has no native bf16), the logit methods read cached logits (as the
-notebooks).
+of the run as the release. The teacher of feature methods runs online, under bf16 autocast where the
+processor runs bf16 natively and in fp32 elsewhere (`--teacher-amp auto`, as the notebooks; the two give
+students within noise of each other, docs/performance.md); the logit methods read cached logits (as the
+notebooks). Each row records the teacher's precision.
 
 Every run lands in ``docs/methods_untuned.csv`` (pair, method, seed, teacher, validation and test top-1,
 minutes had it run alone); the markdown table (validation top-1, paired differences to CE and to KD
@@ -39,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from analysis import FAILED, ci95, compare_columns, compare_nested, minutes_alone  # noqa: E402
 from config import make_config  # noqa: E402
-from cost import measure_cost, processor  # noqa: E402
+from cost import fast_teacher_amp, measure_cost, processor  # noqa: E402
 from experiment import teacher_config, teacher_seeds  # noqa: E402
 from pairs import default_pair, get_pair, pair_config, pairs  # noqa: E402
 from pruning import Prune  # noqa: E402
@@ -93,7 +94,10 @@ def run(args) -> pd.DataFrame:
         cached = [m for m, c in cfgs.items() if c.teacher_cache]
         online = [m for m in cfgs if m not in cached]
         teacher = os.path.basename(next(iter(cfgs.values())).teacher)
-        parts += [_sweep(cfgs[group[0]], group, args).assign(teacher=teacher) for group in (cached, online) if group]
+        for group in (cached, online):
+            if group:
+                amp = "cached logits" if group is cached else cfgs[group[0]].teacher_amp
+                parts.append(_sweep(cfgs[group[0]], group, args).assign(teacher=teacher, teacher_amp=amp))
     df = pd.concat(parts, ignore_index=True)
     df.insert(0, "pair", args.pair)
     trained = [d for d in df["run_dir"] if os.path.isfile(os.path.join(d, "checkpoint.pt"))]
@@ -105,6 +109,7 @@ def run(args) -> pd.DataFrame:
         "method",
         "seed",
         "teacher",
+        "teacher_amp",
         "val_top1",
         "test_top1",
         "minutes_alone",
@@ -220,6 +225,16 @@ def _teachers_said(df: pd.DataFrame) -> str:
     return "teachers per pair: " + ", ".join(f"{p} {n}" for p, n in counts.items())
 
 
+def _online_precision(df: pd.DataFrame) -> str:
+    """How each pair's online teacher ran: rows from before the column existed ran it under bf16 autocast."""
+    amp = df["teacher_amp"] if "teacher_amp" in df else pd.Series("bf16", index=df.index)
+    online = df.assign(teacher_amp=amp.fillna("bf16"))
+    online = online[online["teacher_amp"] != "cached logits"]
+    said = {"bf16": "bf16 autocast", "off": "fp32"}
+    per_pair = online.groupby("pair", sort=False)["teacher_amp"].agg(lambda a: " and ".join(sorted(set(a))))
+    return "; ".join(f"{p}: {said.get(a, a)}" for p, a in per_pair.items()) or "none ran"
+
+
 def cost_line(df: pd.DataFrame, cores: int = 2) -> str:
     """The pair's training time: its runs' minutes had each run alone (a cohort member counts its own
     steps and its share of the teacher), and that over ``cores`` runs at a time; the teacher apart."""
@@ -317,9 +332,8 @@ def write(df: pd.DataFrame, prefix: str) -> None:
         f"3 seeds, {_teachers_said(df)}), from `python benchmarks/kd_table.py [--pair NAME]` at {commits}. "
         "Differences are paired by seed (with several teachers, students nested in teachers: the mean of the "
         "teachers' paired differences, its CI over teachers); a CI that spans 0 is within noise. Logit methods "
-        "read the teacher's cached logits, "
-        "the others run it online under bf16 autocast. `minutes`: one run, had it run alone (CPU time). "
-        f"Processor: {where}.",
+        f"read the teacher's cached logits, the others run it online ({_online_precision(df)}). "
+        f"`minutes`: one run, had it run alone (CPU time). Processor: {where}.",
     ]
     for name, t in by_pair.items():
         pair = get_pair("cpu", name)
@@ -525,9 +539,9 @@ def main(argv=None) -> pd.DataFrame:
     )
     parser.add_argument(
         "--teacher-amp",
-        choices=["bf16", "off"],
-        default="bf16",
-        help="the online teacher's precision (bf16 is slow where the CPU lacks native bf16: see docs/protocol.md)",
+        choices=["auto", "bf16", "off"],
+        default="auto",
+        help="the online teacher's precision; auto: bf16 where the CPU runs it natively, else fp32 (docs/protocol.md)",
     )
     parser.add_argument("--data-dir", default="./data")
     parser.add_argument("--out-dir", default="runs")
@@ -555,6 +569,8 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--prefix", default=os.path.join(DOCS, "methods_untuned"), help="CSV and markdown path")
     args = parser.parse_args(argv)
     args.jobs = args.jobs if args.jobs == "auto" else int(args.jobs)
+    if args.teacher_amp == "auto":
+        args.teacher_amp = fast_teacher_amp()
     if args.tune:
         path = (
             args.prefix.replace("methods_untuned", "methods_tuned") if args.prefix.endswith("untuned") else args.prefix

@@ -48,6 +48,8 @@ def test_kd_table_rebuilds_one_table_per_pair_from_its_csv(tmp_path):
     mv2 = old.assign(pair="vgg13-mv2", val_top1=old["val_top1"] - 5)
     # there kd − ce is +2.0, +2.1, +2.2: clearly higher, where the demo pair's +1, +2, +3 spans 0
     mv2.loc[mv2["method"] == "kd", "val_top1"] = [57.0, 58.1, 59.2]
+    # the demo pair's rows predate the teacher_amp column (its online teachers ran under bf16)
+    mv2["teacher_amp"] = mv2["method"].map({"kd": "cached logits", "ce": "off"})
     df = pd.concat([old, mv2]).assign(commit="abc", processor="cpu (avx512)")
     prefix = str(tmp_path / "untuned")
     df.to_csv(f"{prefix}.csv", index=False)
@@ -63,6 +65,7 @@ def test_kd_table_rebuilds_one_table_per_pair_from_its_csv(tmp_path):
     assert verdicts.loc["kd"].tolist() == ["within noise", "higher", "flips"]
     md = open(f"{prefix}.md").read()
     assert "### Verdicts across pairs" in md and "| flips |" in md
+    assert "the others run it online (vgg13-vgg8: bf16 autocast; vgg13-mv2: fp32)" in md
     assert "6 runs, 6 min had each run alone: about 0.1 h on 2 cores" in md
     assert "### vgg13-vgg8: vgg13 x0.25 teacher, vgg8 x0.125 student" in md and "### vgg13-mv2" in md
     assert (tmp_path / "untuned.png").stat().st_size > 0
