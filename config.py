@@ -90,6 +90,7 @@ class Config:
     teacher_model: str = opt("vgg13", "teacher", "the demo's teacher network")
     teacher_width: float = opt(1.0, "teacher", "its channel multiplier")
     teacher_epochs: int = opt(240, "teacher", "its epochs")
+    teacher_lr: float = opt(0.0, "teacher", "its learning rate; 0: lr (a pair whose student takes another sets it)")
     teacher_threads: int = opt(0, "teacher", "its CPU threads; 0: torch's default")
     n_seeds: int = opt(1, "teacher", "seeds that experiments repeat")
     params: dict = field(default_factory=dict, metadata={"group": None})  # the method parameters that are set

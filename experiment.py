@@ -19,7 +19,7 @@ from analysis import compare, plot_seeds, summarize_seeds
 from config import Config, make_config
 from distributed import distributed, is_main_process
 from model import count_flops, count_params
-from pairs import default_pair, get_pair
+from pairs import default_pair, pair_fields
 from registry import resolve_recipe
 from run_folders import run_dir_for
 from runs import RunResult, finished_run, train
@@ -34,6 +34,8 @@ def teacher_config(cfg: Config) -> Config:
         model=cfg.teacher_model,
         width=cfg.teacher_width,
         epochs=cfg.teacher_epochs,
+        lr=cfg.teacher_lr or cfg.lr,
+        teacher_lr=0.0,
         threads=cfg.teacher_threads,
         subset=0,
         method="ce",
@@ -134,7 +136,7 @@ def setup_experiment(
     networks (its first pair, the demo's). Another pair's figures go to ``<name>-<pair>``."""
     overrides = {"out_dir": out_dir} | ({} if profile == "smoke" else {"data_dir": data_dir})
     if pair is not None:
-        overrides |= get_pair(profile, pair).fields()
+        overrides |= pair_fields(profile, pair)
     cfg = make_config(profile, **overrides)
     own = pair is None or pair == default_pair(profile)
     figures = os.path.join(out_dir, "figures", name if own else f"{name}-{pair}")

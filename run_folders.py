@@ -45,6 +45,7 @@ NOT_IN_IDENTITY = {
     "teacher_model",
     "teacher_width",
     "teacher_epochs",
+    "teacher_lr",
     "teacher_threads",
     "budget",
     "trust_teacher",  # the teacher's weights are in the identity

@@ -3,14 +3,17 @@ teacher's features, unknown names list the known ones, and the widths table in p
 is what ``count_flops`` measures."""
 
 import re
+from dataclasses import replace
 
 import pytest
 import torch
 
 import pairs
 from config import PROFILES, make_config
+from experiment import teacher_config
 from model import count_flops, create_model
 from registry import UnknownNameError
+from run_folders import run_dir_for
 
 
 @pytest.mark.parametrize("profile", list(pairs.PAIRS))
@@ -25,7 +28,9 @@ def test_every_pair_builds_and_sets_only_its_networks(profile, name):
     cfg = pairs.pair_config(profile, name, epochs=7)
     pair = pairs.get_pair(profile, name)
     assert (cfg.model, cfg.width) == pair.student and (cfg.teacher_model, cfg.teacher_width) == pair.teacher
-    assert cfg.epochs == 7 and cfg.lr == PROFILES[profile]["lr"]
+    assert cfg.epochs == 7 and cfg.lr == (pair.student_lr or PROFILES[profile]["lr"])
+    # the teacher trains at the profile's rate whatever the students': the demo's teacher serves vgg13-mv2
+    assert teacher_config(cfg).lr == PROFILES[profile]["lr"]
     teacher = create_model(cfg.teacher_model, num_classes=10, width=cfg.teacher_width)
     student = create_model(cfg.model, num_classes=10, width=cfg.width)
     x = torch.randn(2, 3, 32, 32)
@@ -34,6 +39,16 @@ def test_every_pair_builds_and_sets_only_its_networks(profile, name):
     assert len(ft["stages"]) == len(fs["stages"]) == 5
     # stages 2 and 3 meet at the same resolution (8, 4): a hint there needs no resampling
     assert [f.shape[-1] for f in ft["stages"][2:4]] == [f.shape[-1] for f in fs["stages"][2:4]] == [8, 4]
+
+
+def test_the_mobilenet_pair_trains_its_students_at_the_release_rate_under_the_demos_teacher(tmp_path):
+    """RepDistiller and mdistiller train MobileNetV2 students at lr 0.01; the teacher stays the demo's run."""
+    cfg = pairs.pair_config("cpu", "vgg13-mv2", data_dir=str(tmp_path), out_dir=str(tmp_path))
+    demo = make_config("cpu", data_dir=str(tmp_path), out_dir=str(tmp_path))
+    assert cfg.lr == 0.01 and demo.lr == 0.05
+    assert run_dir_for(teacher_config(cfg)) == run_dir_for(teacher_config(demo))
+    # teacher_lr is the teacher's, so it is not part of a student's identity
+    assert run_dir_for(replace(demo, teacher_lr=0.3)) == run_dir_for(demo)
 
 
 def test_the_docstrings_flops_are_measured():
