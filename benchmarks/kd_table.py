@@ -6,6 +6,7 @@
     python benchmarks/kd_table.py --cost       # each method's seconds per step against CE (minutes)
     python benchmarks/kd_table.py --methods ce kd at   # some methods; their rows replace theirs in the CSV
     python benchmarks/kd_table.py --pair vgg13-mv2     # another pair of pairs.py (default: the demo's)
+    python benchmarks/kd_table.py --pair vgg16-vgg11 --replace-pair  # its rows came from another processor
     python benchmarks/kd_table.py --compare-published  # each method's published CIFAR-100 number beside ours
     python benchmarks/kd_table.py --tune               # tuned on validation, picks at 5 seeds: docs/methods_tuned.*
 
@@ -308,6 +309,14 @@ def _provenance_kept(old: pd.DataFrame, new: pd.DataFrame, keys: list[str], same
     return out
 
 
+def other_processors(df: pd.DataFrame, pair: str) -> list[str]:
+    """The processors other than this one that trained rows of ``pair`` (a teacher retrained on another
+    processor differs in its bits, so its students do not pair with theirs)."""
+    if "processor" not in df:
+        return []
+    return sorted(set(df.loc[df["pair"] == pair, "processor"].dropna()) - {processor()})
+
+
 def with_pair(df: pd.DataFrame) -> pd.DataFrame:
     """Rows written before the table had pairs belong to the demo pair."""
     if "pair" not in df:
@@ -566,6 +575,11 @@ def main(argv=None) -> pd.DataFrame:
     )
     parser.add_argument("--pair", default=DEFAULT_PAIR, choices=list(pairs("cpu")), help="teacher-student pair")
     parser.add_argument("--methods", nargs="+", default=None, help="a subset (default: every method)")
+    parser.add_argument(
+        "--replace-pair",
+        action="store_true",
+        help="drop the pair's rows from the CSV and run its methods here (rows trained on another processor)",
+    )
     parser.add_argument("--prefix", default=os.path.join(DOCS, "methods_untuned"), help="CSV and markdown path")
     args = parser.parse_args(argv)
     args.jobs = args.jobs if args.jobs == "auto" else int(args.jobs)
@@ -597,8 +611,18 @@ def main(argv=None) -> pd.DataFrame:
     if args.table_only:
         df = done
     else:  # the runs of this call replace their earlier rows; the other methods' and pairs' rows are kept
+        keep = None
+        if args.replace_pair:
+            keep = lambda old: old["pair"] != args.pair  # noqa: E731
+        elif done is not None and (elsewhere := other_processors(done, args.pair)):
+            raise SystemExit(
+                f"the {args.prefix}.csv rows of pair {args.pair} were trained on {', '.join(elsewhere)}, under a "
+                f"teacher trained there; this machine ({processor()}) would train its own, with other bits, and "
+                "runs under two teachers cannot be paired by seed. Run every method of the pair here with "
+                "--replace-pair (its old rows are dropped), or add methods on the machine that trained them."
+            )
         keys, results = ["pair", "method", "seed", "teacher"], ["val_top1", "test_top1"]
-        df = merged(f"{args.prefix}.csv", run(args), keys, read_back=results)
+        df = merged(f"{args.prefix}.csv", run(args), keys, keep_other=keep, read_back=results)
     write(df, args.prefix)
     return df
 

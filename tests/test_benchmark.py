@@ -144,3 +144,15 @@ def test_kd_table_rows_read_back_keep_the_commit_that_trained_them(tmp_path):
     df = pd.read_csv(path).set_index("method")
     assert (df.loc["at", "commit"], df.loc["at", "processor"]) == ("aaa", "old cpu")
     assert (df.loc["nst", "commit"], df.loc["nst", "processor"]) == ("bbb", "new cpu")
+
+
+def test_kd_table_refuses_to_add_runs_to_a_pair_trained_on_another_processor(tmp_path):
+    """Its teacher would be retrained here with other bits, and the new students would be paired by seed
+    with students of another teacher: refused before anything trains, naming the way out."""
+    import pandas as pd
+
+    prefix = str(tmp_path / "untuned")
+    row = dict(pair="vgg13-vgg8", method="ce", seed=0, teacher="t", val_top1=1.0, processor="another cpu (avx2)")
+    pd.DataFrame([row]).to_csv(f"{prefix}.csv", index=False)
+    with pytest.raises(SystemExit, match=r"another cpu \(avx2\).*--replace-pair"):
+        _kd_table().main(["--prefix", prefix, "--methods", "kd"])
