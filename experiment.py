@@ -171,13 +171,20 @@ def _row(role: str, results: list[RunResult]) -> dict:
 def plot_curves(groups: dict[str, list[RunResult]], teacher: RunResult, path: str):
     import matplotlib.pyplot as plt
 
-    # validation curves: the test set is read only where it is used (the last and the picked epoch)
-    column = "val_top1" if "val_top1" in teacher.history else "test_top1"
+    # the test set is read only where it is used (the last and the picked epoch): a curve needs a column
+    # read every epoch, validation where there is a split, else the augmented training batches
+    runs = [teacher, *(r for results in groups.values() for r in results)]
+
+    def every_epoch(column: str) -> bool:
+        return all(column in r.history and r.history[column].notna().all() for r in runs)
+
+    column = next(c for c in ("val_top1", "test_top1", "train_top1") if every_epoch(c))
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for label, results in groups.items():
         plot_seeds(ax, results, column, f"{label} (n={len(results)})")
     ax.axhline(teacher.history[column].iloc[-1], color="k", ls="--", lw=1, label="teacher (final)")
-    ax.set(xlabel="epoch", ylabel=f"{column.split('_')[0]} top-1 (%)", title="Independent vs distilled student")
+    where = {"val": "validation", "test": "test", "train": "training (augmented)"}[column.split("_")[0]]
+    ax.set(xlabel="epoch", ylabel=f"{where} top-1 (%)", title="Independent vs distilled student")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

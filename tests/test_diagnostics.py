@@ -1,6 +1,7 @@
 """Logit standardisation and the teacher-student diagnostics against references."""
 
 import math
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -160,3 +161,27 @@ def test_logit_conflicts_seed_definition_by_hand():
     assert out["reversed"] == int(flipped.item())
     rel = logit_relation(teacher, teacher)
     assert rel["kl_raw"] == pytest.approx(0, abs=1e-6) and rel["spearman"] == pytest.approx(1.0)
+
+
+def _result(history: dict) -> SimpleNamespace:  # what plot_curves reads of a RunResult
+    return SimpleNamespace(history=pd.DataFrame({"epoch": [1, 2, 3], **history}))
+
+
+def test_demo_curves_plot_a_column_read_every_epoch(tmp_path):
+    """Test is read only at the last epoch: without a validation split the demo's figure draws the
+    augmented training accuracy, not one test point per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from experiment import plot_curves
+
+    nan = float("nan")
+    no_val = {"train_top1": [30.0, 40.0, 50.0], "test_top1": [nan, nan, 45.0]}
+    fig = plot_curves({"kd": [_result(no_val)]}, _result(no_val), str(tmp_path / "a.png"))
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == "training (augmented) top-1 (%)"
+    assert list(ax.lines[0].get_ydata()) == [30.0, 40.0, 50.0]
+    with_val = no_val | {"val_top1": [31.0, 41.0, 51.0]}
+    fig = plot_curves({"kd": [_result(with_val)]}, _result(with_val), str(tmp_path / "b.png"))
+    assert fig.axes[0].get_ylabel() == "validation top-1 (%)"
+    assert list(fig.axes[0].lines[0].get_ydata()) == [31.0, 41.0, 51.0]
