@@ -73,7 +73,9 @@ DEFAULT_PAIR = default_pair("cpu")
 def base_config(args):
     if args.quick:  # the pair's networks at the smoke profile's widths
         (tm, _), (sm, _) = get_pair("cpu", args.pair).teacher, get_pair("cpu", args.pair).student
-        return make_config("smoke", out_dir=args.out_dir, epochs=3, threads=1, model=sm, teacher_model=tm)
+        data = os.path.join(args.data_dir, "synthetic")  # generated there: ./data/synthetic, as the profile's
+        quick = dict(epochs=3, threads=1, model=sm, teacher_model=tm)
+        return make_config("smoke", data_dir=data, out_dir=args.out_dir, **quick)
     return pair_config("cpu", args.pair, data_dir=args.data_dir, out_dir=args.out_dir)
 
 
@@ -181,7 +183,7 @@ def table(df: pd.DataFrame) -> pd.DataFrame:
         )
     out = pd.DataFrame(rows).set_index("method")
     for base in ("ce", "kd"):
-        if base not in set(ok["method"]):
+        if base not in set(ok["method"]) or ok["method"].nunique() < 2:  # nothing to compare with yet
             continue
         diffs = _differences(ok, base)
         out[f"vs {base}"] = diffs["diff"]
@@ -307,6 +309,32 @@ def _provenance_kept(old: pd.DataFrame, new: pd.DataFrame, keys: list[str], same
     for c in kept:
         out[c] = np.where(equal, was[c].to_numpy(), new[c].to_numpy())
     return out
+
+
+def check_reproduces(args, done: pd.DataFrame) -> None:
+    """Methods added to a pair whose rows this processor trained before, on a machine that may not have their
+    runs: the teacher is retrained here, and its students pair with the recorded ones only if it has the same
+    bits. KD seed 0 (three minutes; instant where its run is present) is trained first and compared with its
+    row to the bit; a difference stops the benchmark before the new methods train."""
+    recorded = done[(done["pair"] == args.pair) & (done["method"] == "kd") & (done["seed"] == 0)]
+    if recorded.empty or (args.methods or methods()) == ["kd"]:
+        return
+    probe = argparse.Namespace(**(vars(args) | {"methods": ["kd"], "seeds": 1}))
+    cfg = configs(probe)["kd"]
+    row = recorded[recorded["teacher"] == os.path.basename(cfg.teacher)]
+    if row.empty:
+        return
+    here = _sweep(cfg, ["kd"], probe).iloc[0]
+    old = row.iloc[-1]
+    same = all(here[c] == old[c] or (pd.isna(here[c]) and pd.isna(old[c])) for c in ("val_top1", "test_top1"))
+    print(f"kd seed 0 of {args.pair}: validation {here['val_top1']!r} here, {old['val_top1']!r} in the CSV")
+    if not same:
+        raise SystemExit(
+            f"kd seed 0 of pair {args.pair} does not reproduce its row of {args.prefix}.csv (trained at "
+            f"{old.get('commit', '?')} on {old.get('processor', '?')}): this machine's teacher or code computes "
+            "other bits, so new runs would not pair by seed with the recorded ones. Run every method of the pair "
+            "here with --replace-pair."
+        )
 
 
 def other_processors(df: pd.DataFrame, pair: str) -> list[str]:
@@ -621,6 +649,8 @@ def main(argv=None) -> pd.DataFrame:
                 "runs under two teachers cannot be paired by seed. Run every method of the pair here with "
                 "--replace-pair (its old rows are dropped), or add methods on the machine that trained them."
             )
+        elif done is not None:
+            check_reproduces(args, done)
         keys, results = ["pair", "method", "seed", "teacher"], ["val_top1", "test_top1"]
         df = merged(f"{args.prefix}.csv", run(args), keys, keep_other=keep, read_back=results)
     write(df, args.prefix)

@@ -156,3 +156,24 @@ def test_kd_table_refuses_to_add_runs_to_a_pair_trained_on_another_processor(tmp
     pd.DataFrame([row]).to_csv(f"{prefix}.csv", index=False)
     with pytest.raises(SystemExit, match=r"another cpu \(avx2\).*--replace-pair"):
         _kd_table().main(["--prefix", prefix, "--methods", "kd"])
+
+
+def test_kd_table_adds_methods_to_a_pair_only_where_kd_reproduces_its_row(tmp_path):
+    """On a fresh machine of the same processor the pair's teacher is retrained: new methods are trained
+    only once KD seed 0 reproduces its recorded row to the bit, so that they pair with the recorded ones."""
+    import shutil
+
+    import pandas as pd
+
+    kd_table, prefix, runs = _kd_table(), str(tmp_path / "untuned"), tmp_path / "runs"
+    common = ["--quick", "--prefix", prefix, "--out-dir", str(runs), "--data-dir", str(tmp_path), "--jobs", "1"]
+    kd_table.main([*common, "--methods", "kd", "--seeds", "1"])
+    shutil.rmtree(runs)  # a new machine: every run, the teacher's included, trains again
+    kd_table.main([*common, "--methods", "ce", "--seeds", "1"])
+    df = pd.read_csv(f"{prefix}.csv")
+    assert sorted(df["method"]) == ["ce", "kd"]
+    df.loc[df["method"] == "kd", "val_top1"] += 0.01  # as if another teacher had trained the recorded KD run
+    df.to_csv(f"{prefix}.csv", index=False)
+    shutil.rmtree(runs)
+    with pytest.raises(SystemExit, match="does not reproduce.*--replace-pair"):
+        kd_table.main([*common, "--methods", "ce", "--seeds", "1"])
