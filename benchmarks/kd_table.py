@@ -1,6 +1,7 @@
 """Every registered distillation method on a `cpu` pair, at its released recipe: the untuned table.
 
-    python benchmarks/kd_table.py              # resumable; reuses finished runs; writes docs/methods_untuned.*
+    python benchmarks/kd_table.py              # resumable; reuses finished runs and the CSV's rows from this
+                                               # processor; writes docs/methods_untuned.*
     python benchmarks/kd_table.py --quick      # smoke profile on generated data: checks the script (seconds)
     python benchmarks/kd_table.py --table-only # rebuild the table from the committed CSV
     python benchmarks/kd_table.py --cost       # each method's seconds per step against CE (minutes)
@@ -90,17 +91,22 @@ def scaled(cfg) -> dict:
     }
 
 
-def run(args) -> pd.DataFrame:
+def run(args, recorded: frozenset[tuple[str, str]] = frozenset()) -> pd.DataFrame:
+    """Every method's seeds under each teacher seed, but the (method, teacher) pairs in ``recorded``: the CSV
+    already holds them from this processor (``recorded_here``), so they are not trained again."""
     parts = []
     for teacher_seed in args.teacher_seeds:  # students nested in teachers: every method under each
         cfgs = configs(args, teacher_seed)
+        teacher = os.path.basename(next(iter(cfgs.values())).teacher)
+        cfgs = {m: c for m, c in cfgs.items() if (m, teacher) not in recorded}
         cached = [m for m, c in cfgs.items() if c.teacher_cache]
         online = [m for m in cfgs if m not in cached]
-        teacher = os.path.basename(next(iter(cfgs.values())).teacher)
         for group in (cached, online):
             if group:
                 amp = "cached logits" if group is cached else cfgs[group[0]].teacher_amp
                 parts.append(_sweep(cfgs[group[0]], group, args).assign(teacher=teacher, teacher_amp=amp))
+    if not parts:
+        return pd.DataFrame(columns=["pair", "method", "seed", "teacher"])
     df = pd.concat(parts, ignore_index=True)
     df.insert(0, "pair", args.pair)
     trained = [d for d in df["run_dir"] if os.path.isfile(os.path.join(d, "checkpoint.pt"))]
@@ -311,19 +317,19 @@ def _provenance_kept(old: pd.DataFrame, new: pd.DataFrame, keys: list[str], same
     return out
 
 
-def check_reproduces(args, done: pd.DataFrame) -> None:
+def check_reproduces(args, done: pd.DataFrame) -> bool:
     """Methods added to a pair whose rows this processor trained before, on a machine that may not have their
     runs: the teacher is retrained here, and its students pair with the recorded ones only if it has the same
     bits. KD seed 0 (three minutes; instant where its run is present) is trained first and compared with its
-    row to the bit; a difference stops the benchmark before the new methods train."""
+    row to the bit; a difference stops the benchmark before the new methods train. True where it reproduced."""
     recorded = done[(done["pair"] == args.pair) & (done["method"] == "kd") & (done["seed"] == 0)]
     if recorded.empty or (args.methods or methods()) == ["kd"]:
-        return
+        return False
     probe = argparse.Namespace(**(vars(args) | {"methods": ["kd"], "seeds": 1}))
     cfg = configs(probe)["kd"]
     row = recorded[recorded["teacher"] == os.path.basename(cfg.teacher)]
     if row.empty:
-        return
+        return False
     here = _sweep(cfg, ["kd"], probe).iloc[0]
     old = row.iloc[-1]
     same = all(here[c] == old[c] or (pd.isna(here[c]) and pd.isna(old[c])) for c in ("val_top1", "test_top1"))
@@ -335,6 +341,17 @@ def check_reproduces(args, done: pd.DataFrame) -> None:
             "other bits, so new runs would not pair by seed with the recorded ones. Run every method of the pair "
             "here with --replace-pair."
         )
+    return True
+
+
+def recorded_here(done: pd.DataFrame, args) -> frozenset[tuple[str, str]]:
+    """The (method, teacher) pairs of ``args.pair`` whose every seed the CSV holds from this processor: read
+    back from it rather than trained again (a fresh machine has none of their runs)."""
+    if "processor" not in done:
+        return frozenset()
+    rows = done[(done["pair"] == args.pair) & (done["processor"] == processor())]
+    seeds = set(range(args.seeds))
+    return frozenset(mt for mt, g in rows.groupby(["method", "teacher"]) if seeds <= set(g["seed"]))
 
 
 def other_processors(df: pd.DataFrame, pair: str) -> list[str]:
@@ -649,10 +666,13 @@ def main(argv=None) -> pd.DataFrame:
                 "runs under two teachers cannot be paired by seed. Run every method of the pair here with "
                 "--replace-pair (its old rows are dropped), or add methods on the machine that trained them."
             )
-        elif done is not None:
-            check_reproduces(args, done)
+        recorded = frozenset()
+        if not args.replace_pair and done is not None and check_reproduces(args, done):
+            recorded = recorded_here(done, args)
+            if recorded:
+                print(f"read from {args.prefix}.csv, not trained again: {', '.join(sorted(m for m, _ in recorded))}")
         keys, results = ["pair", "method", "seed", "teacher"], ["val_top1", "test_top1"]
-        df = merged(f"{args.prefix}.csv", run(args), keys, keep_other=keep, read_back=results)
+        df = merged(f"{args.prefix}.csv", run(args, recorded), keys, keep_other=keep, read_back=results)
     write(df, args.prefix)
     return df
 

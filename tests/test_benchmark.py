@@ -159,8 +159,9 @@ def test_kd_table_refuses_to_add_runs_to_a_pair_trained_on_another_processor(tmp
 
 
 def test_kd_table_adds_methods_to_a_pair_only_where_kd_reproduces_its_row(tmp_path):
-    """On a fresh machine of the same processor the pair's teacher is retrained: new methods are trained
-    only once KD seed 0 reproduces its recorded row to the bit, so that they pair with the recorded ones."""
+    """On a fresh machine of the same processor the pair's teacher is retrained: new methods are trained,
+    and recorded ones read from the CSV, only once KD seed 0 reproduces its recorded row to the bit."""
+    import os
     import shutil
 
     import pandas as pd
@@ -172,6 +173,10 @@ def test_kd_table_adds_methods_to_a_pair_only_where_kd_reproduces_its_row(tmp_pa
     kd_table.main([*common, "--methods", "ce", "--seeds", "1"])
     df = pd.read_csv(f"{prefix}.csv")
     assert sorted(df["method"]) == ["ce", "kd"]
+    shutil.rmtree(runs)
+    kd_table.main([*common, "--methods", "ce", "kd", "--seeds", "1"])  # both recorded: read from the CSV
+    assert not [d for d in os.listdir(runs) if d.startswith("vgg8-") and "-ce-" in d]
+    pd.testing.assert_frame_equal(pd.read_csv(f"{prefix}.csv"), df)
     df.loc[df["method"] == "kd", "val_top1"] += 0.01  # as if another teacher had trained the recorded KD run
     df.to_csv(f"{prefix}.csv", index=False)
     shutil.rmtree(runs)
