@@ -37,7 +37,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -380,16 +380,24 @@ def compare_columns(
 
 
 def paired_table(
-    pairs: Mapping[str, tuple[Sequence, Sequence]], metric: str = "last_top1", bound: float | None = None
+    pairs: Mapping[str, tuple[Sequence, Sequence]],
+    metric: str = "last_top1",
+    bound: float | None = None,
+    neutral: Collection[str] = (),
 ) -> pd.DataFrame:
     """Named comparisons ``{"KD − independent": (kd_runs, independent_runs)}``, each ``a - b`` paired
     by seed: one row per name with n, the mean difference, its 95% CI, p and ``Paired.verdict(bound)``
     (where a run failed, column ``failed_seeds`` names the seeds left out). A section's comparisons
-    in one table."""
+    in one table. A detected difference reads "better"/"worse", except for the names in ``neutral``
+    (a quantity with no better direction, such as the disagreement of two students): "higher"/"lower"."""
+    unknown = set(neutral) - set(pairs)
+    if unknown:
+        raise ValueError(f"neutral names {sorted(unknown)} are not comparisons of this table: {list(pairs)}")
     rows = {}
     for name, (a, b) in pairs.items():
         c = compare(a, b, metric)
-        rows[name] = _paired_row(c, bound, ("better", "worse")) | {"failed_seeds": ", ".join(map(str, c.failed))}
+        words = ("higher", "lower") if name in neutral else ("better", "worse")
+        rows[name] = _paired_row(c, bound, words) | {"failed_seeds": ", ".join(map(str, c.failed))}
     table = pd.DataFrame.from_dict(rows, orient="index")
     if not any(r["failed_seeds"] for r in rows.values()):
         table = table.drop(columns="failed_seeds", errors="ignore")

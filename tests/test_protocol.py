@@ -336,6 +336,15 @@ def test_compare_pairs_runs_by_seed_and_says_within_noise():
     assert set(both["verdict"]) == {"equivalent (±5)"}
 
 
+def test_paired_table_words_a_neutral_quantity_higher_or_lower():
+    """Disagreement has no better direction: a detected drop is "lower", an accuracy drop "worse"."""
+    lower = ({0: 1.0, 1: 2.0, 2: 3.0}, {0: 2.0, 1: 3.1, 2: 3.9})  # a − b: −1.0, −1.1, −0.9
+    table = analysis.paired_table({"top-1": lower, "disagreement": lower}, neutral=["disagreement"])
+    assert table.loc["top-1", "verdict"] == "worse" and table.loc["disagreement", "verdict"] == "lower"
+    with pytest.raises(ValueError, match=r"neutral names \['disagrement'\] are not comparisons.*'disagreement'"):
+        analysis.paired_table({"disagreement": lower}, neutral=["disagrement"])
+
+
 def test_equivalence_is_tost_on_the_90_percent_ci():
     d = [0.1, -0.2, 0.3, 0.0, 0.2]
     # by hand: mean 0.08, sd 0.19235, se 0.086023; t_.95(4) = 2.13185 -> 90% CI -0.1034 to 0.2634;
