@@ -256,7 +256,8 @@ def cost_line(df: pd.DataFrame, cores: int = 2) -> str:
 
 def across_pairs(by_pair: dict[str, pd.DataFrame], column: str) -> pd.DataFrame:
     """One row per method, one column per pair: its verdict (``column``: against CE or KD), with the
-    runs that failed; ``holds`` says whether every pair that ran it gives the same verdict."""
+    runs that failed; ``holds`` says whether every pair that ran it gives the same verdict ("one pair"
+    where only one did)."""
     cells = {}
     for name, t in by_pair.items():
         if column not in t:
@@ -265,10 +266,16 @@ def across_pairs(by_pair: dict[str, pd.DataFrame], column: str) -> pd.DataFrame:
         cells[name] = t[column].fillna("–") + failed
     out = pd.DataFrame(cells)
     bare = out.apply(lambda col: col.str.replace(r" \(\d+ failed\)", "", regex=True))
-    out["holds"] = bare.apply(lambda row: "yes" if row.dropna().nunique() == 1 else "flips", axis=1)
-    if len(cells) < 2:
-        out["holds"] = "one pair"
+    out["holds"] = bare.apply(_holds, axis=1)
     return out
+
+
+def _holds(verdicts: pd.Series) -> str:
+    """A verdict "holds" only where at least two pairs ran the method; one pair cannot show that."""
+    ran = verdicts.dropna()
+    if len(ran) < 2:
+        return "one pair"
+    return "yes" if ran.nunique() == 1 else "flips"
 
 
 def _ran(df: pd.DataFrame) -> pd.DataFrame:
@@ -404,7 +411,8 @@ def write(df: pd.DataFrame, prefix: str) -> None:
             "### Verdicts across pairs",
             "",
             "Paired 95% CI of validation top-1 against CE and KD "
-            "(higher, lower, or within noise where it spans 0); `holds`: the same verdict on every pair.",
+            "(higher, lower, or within noise where it spans 0); `holds`: the same verdict on every pair that ran "
+            "the method (`one pair` where only one has).",
         ]
         for column in VERDICTS:
             lines += ["", f"**{column.removesuffix(' verdict')}**", "", markdown(across_pairs(by_pair, column))]
