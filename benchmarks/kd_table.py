@@ -273,6 +273,8 @@ def across_pairs(by_pair: dict[str, pd.DataFrame], column: str) -> pd.DataFrame:
 def _holds(verdicts: pd.Series) -> str:
     """A verdict "holds" only where at least two pairs ran the method; one pair cannot show that."""
     ran = verdicts.dropna()
+    if (ran == "–").all():  # the reference itself (ce against ce)
+        return "–"
     if len(ran) < 2:
         return "one pair"
     return "yes" if ran.nunique() == 1 else "flips"
