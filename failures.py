@@ -16,6 +16,10 @@ class RunFailedWarning(UserWarning):
     """A run that is not learning: still at chance (``chance_failure``)."""
 
 
+class RunRecoveredWarning(UserWarning):
+    """A run marked failed that left chance later: its mark is removed (a run's status is its latest epoch's)."""
+
+
 # "At chance": top-1 no better than chance + CHANCE_MARGIN x chance (CIFAR-10: <= 15%, CIFAR-100: <= 1.5%).
 CHANCE_MARGIN = 0.5
 

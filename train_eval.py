@@ -35,7 +35,7 @@ from config import Config
 from distributed import average_buffers, barrier, distributed, is_main_process, sum_over_ranks
 from evaluation import keep_if_picked, read_test_at_picked, test_metrics
 from exports import moved
-from failures import RunFailedWarning, chance_failure, judged_at_chance, pretraining_epochs
+from failures import RunFailedWarning, RunRecoveredWarning, chance_failure, judged_at_chance, pretraining_epochs
 from optimizers import build_optimizer, build_scheduler
 from progress import epoch_bar
 from run_folders import history_frame, run_name, same_run, set_failure_mark
@@ -416,6 +416,13 @@ def _end_epoch(m: Member, epoch: int, row: dict, val_loader, test_loader, amp: b
     was, m.failed = m.failed, chance_failure(m.history, m.num_classes, m.cfg.epochs, m.grace) if m.judged else None
     if m.failed and (not was or epoch == m.start) and is_main_process():
         warnings.warn(f"run {m.label}, epoch {epoch + 1}: {m.failed}; marked failed", RunFailedWarning, 2)
+    elif was and not m.failed and is_main_process():  # a slow start, not a failure: say so after the alarm
+        top1 = row.get("val_top1", row.get("test_top1", row["train_top1"]))
+        warnings.warn(
+            f"run {m.label}, epoch {epoch + 1}: left chance (top-1 {top1:.2f}); no longer failed",
+            RunRecoveredWarning,
+            2,
+        )
     if m.run_dir and is_main_process():  # one writer; every rank holds the same weights
         _save(m.task, m.optimizer, m.scheduler, m.run_dir, m.cfg, m.history, epoch + 1, m.rng[0], m.failed, m.picked)
 

@@ -18,7 +18,7 @@ import train_eval
 from model import create_model, load_checkpoint, read_checkpoint, save_checkpoint
 from run_folders import load_config, load_history
 from sweeps import mark_best, sweep
-from train_eval import RunFailedWarning, chance_failure, make_config, run_dir_for, train
+from train_eval import RunFailedWarning, RunRecoveredWarning, chance_failure, make_config, run_dir_for, train
 
 # ----------------------------------------------------------------------------- item 3: truncated files
 
@@ -235,6 +235,20 @@ def test_a_run_at_chance_is_warned_about_and_marked_failed_in_its_folder(smoke_c
     assert analysis.summarize(result.history)["failed"] == reason
     assert train(cfg).history["failed"].iloc[0] == reason  # reused: still failed
     assert load_history(result.run_dir)["failed"].iloc[0] == reason
+
+
+def test_a_run_that_leaves_chance_is_told_so_and_loses_its_mark(smoke_cfg, monkeypatch):
+    # the rule is tested above; here its verdict changes mid-run, as a slow start's does (AT, seed 2, vgg16-vgg11)
+    def verdict(history, *args, **kwargs):  # at chance after epoch 1 only
+        return "at chance after 1 epoch" if len(history) == 1 else None
+
+    monkeypatch.setattr(train_eval, "chance_failure", verdict)
+    with pytest.warns(RunFailedWarning, match="epoch 1: at chance"):
+        with pytest.warns(RunRecoveredWarning, match=r"epoch 2: left chance \(top-1 \d+\.\d\d\); no longer failed"):
+            result = train(smoke_cfg(epochs=3))
+    assert not os.path.exists(os.path.join(result.run_dir, "FAILED"))
+    assert read_checkpoint(result.run_dir).get("failed") is None
+    assert analysis.summarize(result.history).get("failed") is None
 
 
 def test_a_healthy_run_and_a_frozen_classifier_are_never_marked(smoke_cfg):
