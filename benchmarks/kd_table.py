@@ -544,7 +544,7 @@ def tuned_table(df: pd.DataFrame) -> pd.DataFrame:
         )
     out = pd.DataFrame(rows).set_index("method")
     for base in ("ce", "kd"):
-        if base in set(conf["method"]):
+        if base in set(conf["method"]) and conf["method"].nunique() > 1:  # a group of one has nothing to compare
             d = compare_columns(conf, by="method", baseline=base, columns=["test_top1"]).xs("test_top1", level=1)
             out[f"vs {base}"] = d["diff"]
             out[f"vs {base} 95% CI"] = d["ci_low"].map("{:+.2f}".format) + " to " + d["ci_high"].map("{:+.2f}".format)
@@ -645,7 +645,11 @@ def main(argv=None) -> pd.DataFrame:
             args.prefix.replace("methods_untuned", "methods_tuned") if args.prefix.endswith("untuned") else args.prefix
         )
         keys = ["pair", "method", "value", "seed", "stage"]
-        df = merged(f"{path}.csv", tuned_runs(args), keys, keep_other=lambda old: old["pair"] != args.pair)
+        # the methods tuned now replace all their rows on this pair (a new grid may drop a cell); the pair's
+        # other methods keep theirs, so a pair can be tuned in groups (--methods), each group committed
+        tuned = set(args.methods or methods())
+        keep = lambda old: (old["pair"] != args.pair) | ~old["method"].isin(tuned)  # noqa: E731
+        df = merged(f"{path}.csv", tuned_runs(args), keys, keep_other=keep)
         write_tuned(df, path)
         return df
     if args.cost:

@@ -122,6 +122,40 @@ def test_kd_table_tuned_summary_by_hand():
     assert t.loc["at", "vs ce"] == 2.0 and t.loc["ce", "runs"] == 3 and t.loc["ce", "param"] == "–"
 
 
+def test_kd_table_tunes_a_pair_in_groups_of_methods(tmp_path, monkeypatch):
+    """A group's rows replace only its own methods' rows on the pair (all of them: a cell its new grid no
+    longer has goes); the pair's other groups and the other pairs keep theirs."""
+    import pandas as pd
+
+    kd_table, prefix = _kd_table(), str(tmp_path / "tuned")
+    grid_values = {"kd": [0.3, 0.9, 2.7], "at": [1000 / 3, 1000.0, 3000.0]}
+
+    def fake_tuned_runs(args):
+        rows = []
+        for m in args.methods:
+            values = grid_values.get(m, [0.0])
+            stage = "grid" if m != "ce" else "confirm"
+            rows += [dict(method=m, param="" if m == "ce" else "w", value=v, seed=s, stage=stage, test_top1=60.0 + v)
+                     for v in values for s in range(2)]  # fmt: skip
+            rows += [dict(method=m, param="w", value=values[-1], seed=s, stage="confirm", test_top1=61.0 + s)
+                     for s in range(2) if m != "ce"]  # fmt: skip
+        df = pd.DataFrame(rows).assign(pair=args.pair, teacher="t", commit="c", processor="p", minutes_alone=1.0)
+        df["val_top1"], df["picked"], df["pick_on_edge"] = df["test_top1"], df["value"] == df["value"], False
+        return df
+
+    monkeypatch.setattr(kd_table, "tuned_runs", fake_tuned_runs)
+    kd_table.main(["--tune", "--prefix", prefix, "--methods", "ce", "kd"])
+    kd_table.main(["--tune", "--prefix", prefix, "--methods", "at"])
+    kd_table.main(["--tune", "--prefix", prefix, "--methods", "kd", "--pair", "vgg16-vgg11"])
+    grid_values["at"] = [1000.0, 3000.0, 9000.0]  # extended past its edge this time
+    kd_table.main(["--tune", "--prefix", prefix, "--methods", "at"])
+    df = pd.read_csv(f"{prefix}.csv")
+    here = df[df["pair"] == "vgg13-vgg8"]
+    assert sorted(set(here["method"])) == ["at", "ce", "kd"] and set(df["pair"]) == {"vgg13-vgg8", "vgg16-vgg11"}
+    assert sorted(set(here.loc[here["method"] == "at", "value"])) == [1000.0, 3000.0, 9000.0]
+    assert "### vgg13-vgg8" in open(f"{prefix}.md").read()
+
+
 def test_kd_table_rows_of_processes_run_side_by_side_are_merged_not_overwritten(tmp_path):
     import pandas as pd
 
