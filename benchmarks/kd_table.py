@@ -342,7 +342,8 @@ def check_reproduces(args, done: pd.DataFrame) -> bool:
     here = _sweep(cfg, ["kd"], probe).iloc[0]
     old = row.iloc[-1]
     same = all(here[c] == old[c] or (pd.isna(here[c]) and pd.isna(old[c])) for c in ("val_top1", "test_top1"))
-    print(f"kd seed 0 of {args.pair}: validation {here['val_top1']!r} here, {old['val_top1']!r} in the CSV")
+    now, then = float(here["val_top1"]), float(old["val_top1"])
+    print(f"kd seed 0 of {args.pair}: validation {now!r} here, {then!r} in the CSV")
     if not same:
         raise SystemExit(
             f"kd seed 0 of pair {args.pair} does not reproduce its row of {args.prefix}.csv (trained at "
