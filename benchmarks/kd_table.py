@@ -302,7 +302,7 @@ def merged(path: str, df: pd.DataFrame, keys: list[str], keep_other=None, read_b
     old row's commit and processor, which say what trained it."""
     with run_lock(os.path.dirname(os.path.abspath(path))):
         if os.path.isfile(path):
-            old = with_pair(pd.read_csv(path))
+            old = read_rows(path)
             df = _provenance_kept(old, df, keys, list(read_back)) if read_back else df
             old = old if keep_other is None else old[keep_other(old)]
             df = pd.concat([old, df], ignore_index=True).drop_duplicates(keys, keep="last")
@@ -370,6 +370,11 @@ def other_processors(df: pd.DataFrame, pair: str) -> list[str]:
     if "processor" not in df:
         return []
     return sorted(set(df.loc[df["pair"] == pair, "processor"].dropna()) - {processor()})
+
+
+def read_rows(path: str) -> pd.DataFrame:
+    """A table's CSV, its commits as text: a commit such as 33e2181 would otherwise be read as a float (inf)."""
+    return with_pair(pd.read_csv(path, dtype={"commit": str}))
 
 
 def with_pair(df: pd.DataFrame) -> pd.DataFrame:
@@ -661,7 +666,7 @@ def main(argv=None) -> pd.DataFrame:
         costs = merged(f"{args.prefix}_cost.csv", costs, ["pair", "method", "teacher_amp", "processor"])
         print(costs.round(3).to_string(index=False))
         return costs
-    done = with_pair(pd.read_csv(f"{args.prefix}.csv")) if os.path.isfile(f"{args.prefix}.csv") else None
+    done = read_rows(f"{args.prefix}.csv") if os.path.isfile(f"{args.prefix}.csv") else None
     if args.compare_published or args.table_only:
         if done is None:
             raise SystemExit(f"no {args.prefix}.csv yet: run python benchmarks/kd_table.py first")

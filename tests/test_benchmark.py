@@ -175,13 +175,14 @@ def test_kd_table_rows_read_back_keep_the_commit_that_trained_them(tmp_path):
     kd_table, path = _kd_table(), str(tmp_path / "t.csv")
     keys, results = ["pair", "method", "seed", "teacher"], ["val_top1", "test_top1"]
     row = dict(pair="vgg13-vgg8", seed=0, teacher="t", val_top1=1.0, test_top1=float("nan"), processor="old cpu")
-    kd_table.merged(path, pd.DataFrame([dict(row, method=m, commit="aaa") for m in ("at", "nst")]), keys)
-    again = [dict(row, method="at", commit="bbb", processor="new cpu")]  # read back: the same results
-    again += [dict(row, method="nst", val_top1=2.0, commit="bbb", processor="new cpu")]  # trained again
+    # commits that read as numbers (3.3e2182 is inf), as HEAD's once did: kept as text
+    kd_table.merged(path, pd.DataFrame([dict(row, method=m, commit="33e2181") for m in ("at", "nst")]), keys)
+    again = [dict(row, method="at", commit="1234567", processor="new cpu")]  # read back: the same results
+    again += [dict(row, method="nst", val_top1=2.0, commit="1234567", processor="new cpu")]  # trained again
     kd_table.merged(path, pd.DataFrame(again), keys, read_back=results)
-    df = pd.read_csv(path).set_index("method")
-    assert (df.loc["at", "commit"], df.loc["at", "processor"]) == ("aaa", "old cpu")
-    assert (df.loc["nst", "commit"], df.loc["nst", "processor"]) == ("bbb", "new cpu")
+    df = kd_table.read_rows(path).set_index("method")
+    assert (df.loc["at", "commit"], df.loc["at", "processor"]) == ("33e2181", "old cpu")
+    assert (df.loc["nst", "commit"], df.loc["nst", "processor"]) == ("1234567", "new cpu")
 
 
 def test_kd_table_refuses_to_add_runs_to_a_pair_trained_on_another_processor(tmp_path):
