@@ -7,7 +7,8 @@ Every figure is the median of ``--repeats`` interleaved repeats (case A, B, C, A
 so slow drifts of the machine hit all cases alike; ratios, not absolute times, are the result.
 Sections: matmul peak; data pipeline (torchvision DataLoader + PIL vs ``CifarLoader``); end to
 end for the smallest ``cpu``-profile student; achieved FLOP/s of training steps; KD step cost
-(online teacher, cached teacher logits); bf16 autocast speed, with an optional accuracy-parity
+(online teacher, cached teacher logits); loss cost (RKD's angle term from the Gram matrix vs every
+difference vector, forward and backward, on the ``cpu`` batch); bf16 autocast speed, with an optional accuracy-parity
 check (``--parity``: short real-data runs, 3 seeds each, fp32 vs bf16); student runs per hour of a
 small sweep, worker processes x 1 thread vs one run at a time with every thread.
 """
@@ -25,11 +26,13 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data_utils  # noqa: E402
 from analysis import summarize, top1_agreement  # noqa: E402
+from methods.rkd import triplet_angles, triplet_angles_by_differences  # noqa: E402
 from model import create_model  # noqa: E402
 from train_eval import build_optimizer, make_config, optimizer_step, train  # noqa: E402
 from train_kd import Distiller, KDLoss, run_many  # noqa: E402
@@ -275,6 +278,31 @@ def bench_kd(args) -> dict:
     }
 
 
+def rkd_angle_steps(angles, s: torch.Tensor, t: torch.Tensor, steps: int):
+    """``steps`` forward and backward passes of RKD's angle term between embeddings ``s`` and ``t``."""
+    return lambda: [F.smooth_l1_loss(angles(s), angles(t)).backward() for _ in range(steps)]
+
+
+def bench_losses(args) -> dict:
+    """RKD's angle term (its smooth L1 between student and teacher angles, forward and backward) as
+    ``triplet_angles`` computes it and as the paper writes it, for a VGG8 x1/8 embedding (64 wide) and
+    MobileNetV2's (1280 wide); the teacher's is VGG13 x1/4's (128 wide)."""
+    torch.manual_seed(0)
+    out = {}
+    for width in args.rkd_widths:
+        s, t = torch.randn(args.rkd_batch, width, requires_grad=True), torch.randn(args.rkd_batch, 128)
+        cases = {
+            "gram": rkd_angle_steps(triplet_angles, s, t, args.steps),
+            "differences": rkd_angle_steps(triplet_angles_by_differences, s, t, args.steps),
+        }
+        sec = interleaved(cases, args.repeats)
+        out[f"rkd_angles_d{width}"] = {
+            "ms_per_step": {k: 1000 * v / args.steps for k, v in sec.items()},
+            "speedup": sec["differences"] / sec["gram"],
+        }
+    return out
+
+
 def bench_bf16(args) -> dict:
     out = {}
     for name, width in args.bf16_models:
@@ -356,6 +384,7 @@ def update_sections(args) -> dict:
         "end_to_end": lambda: bench_end_to_end(images, labels, args),
         "compute": lambda: bench_compute(args, peak),
         "kd": lambda: bench_kd(args),
+        "losses": lambda: bench_losses(args),
         "bf16": lambda: bench_bf16(args),
         "sweep": lambda: bench_sweep(args),
     }
@@ -401,6 +430,8 @@ def print_report(r: dict) -> None:
         print(f"  {name:12s} {speed} {c['fraction_of_fp32_peak']:6.1%} of peak")
     kd = r["kd"]
     print(f"\nKD {kd['pair']}, ms/step:", {k: round(v, 1) for k, v in kd["ms_per_step"].items()})
+    if "losses" in r:  # reports written before the section existed lack it
+        print("loss, speed-up over the paper's form:", {k: round(v["speedup"], 1) for k, v in r["losses"].items()})
     print("bf16 autocast speed-up over fp32:", {k: round(v["speedup"], 2) for k, v in r["bf16"].items()})
     sw = r["sweep"]
     print(f"sweep ({sw['config']}), runs/hour:", {k: round(v, 1) for k, v in sw["runs_per_hour"].items()})
@@ -445,16 +476,18 @@ def parse(argv=None):
         args.kd_pair, args.n_images, args.peak_n, args.parity_epochs = [("vgg8", 0.125), ("vgg13", 0.125)], 2000, 256, 1
         args.peak_channels = 32
         args.sweep_runs, args.sweep_epochs = 2, 1
+        args.rkd_batch, args.rkd_widths = 8, [16]
     else:
         args.batch, args.steps, args.e2e_steps, args.pil_batches = 128, 3, 40, 40
         args.compute_models, args.bf16_models = full, [("vgg13", 1.0), ("vgg8", 1.0), ("vgg8", 0.125)]
         args.kd_pair, args.n_images, args.peak_n, args.parity_epochs = [("vgg8", 1.0), ("vgg13", 1.0)], 50000, 2048, 15
         args.peak_channels = 256
         args.sweep_runs, args.sweep_epochs = 4, 6
+        args.rkd_batch, args.rkd_widths = 64, [64, 1280]
     return args
 
 
-SECTIONS = ("data", "end_to_end", "compute", "kd", "bf16", "sweep")
+SECTIONS = ("data", "end_to_end", "compute", "kd", "losses", "bf16", "sweep")
 
 
 def main(argv=None) -> dict:
@@ -485,6 +518,7 @@ def main(argv=None) -> dict:
     r["end_to_end"] = bench_end_to_end(images, labels, args)
     r["compute"] = bench_compute(args, peak)
     r["kd"] = bench_kd(args)
+    r["losses"] = bench_losses(args)
     r["bf16"] = bench_bf16(args)
     r["sweep"] = bench_sweep(args)
     if args.parity:

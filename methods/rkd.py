@@ -17,9 +17,33 @@ def pairwise_distances(e: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 
 
 def triplet_angles(e: torch.Tensor) -> torch.Tensor:
-    """cos ∠(e_i, e_j, e_k) for every triplet: <(e_i − e_j)/‖·‖, (e_k − e_j)/‖·‖>, flattened (B³,)."""
+    """cos ∠(e_i, e_j, e_k) for every triplet: <(e_i − e_j)/‖·‖, (e_k − e_j)/‖·‖>, flattened (B³,), 0 where
+    e_i or e_k is e_j (a zero vector normalised).
+
+    From the Gram matrix, <e_i − e_j, e_k − e_j> = G_ik − G_ij − G_jk + G_jj and ‖e_i − e_j‖² = G_ii + G_jj −
+    2G_ij: O(B²D + B³), where normalising every difference vector costs O(B³D), which with MobileNetV2's
+    1280-wide embedding made RKD about seven times the rest of its cohort. Angles ignore translation, so the
+    batch mean is removed first: the Gram entries then have the size of the differences, not of the
+    embeddings. A squared distance within rounding of 0 (256 ulp of ‖e_i‖² + ‖e_j‖², both centred; about
+    0.5% of their length in float32) is a repeated embedding, whose angles are 0.
+    """
+    c = e - e.mean(0)  # (B, D)
+    g = c @ c.t()  # (B, B)
+    sq = g.diagonal()  # (B,)
+    dot = g[None, :, :] - g[:, :, None] - g[:, None, :] + sq[:, None, None]  # (B, B, B): [j, i, k]
+    d2 = sq[:, None] + sq[None, :] - 2 * g  # (B, B)
+    tied = d2 <= 256 * torch.finfo(e.dtype).eps * (sq[:, None] + sq[None, :])  # (B, B), the diagonal too
+    # rsqrt of a tied entry's d2 (0 or below) would send NaN back through the discarded branch
+    inv = torch.where(tied, 0.0, torch.where(tied, 1.0, d2).rsqrt())  # (B, B): 1/‖e_i − e_j‖
+    return (dot * inv[:, :, None] * inv[:, None, :]).flatten()
+
+
+def triplet_angles_by_differences(e: torch.Tensor) -> torch.Tensor:
+    """``triplet_angles`` as the paper writes it, every difference vector normalised: O(B³D) time and a
+    (B, B, D) tensor. The reference of its test and its speed benchmark (``benchmarks/bench.py --only
+    losses``); its gradient at a repeated embedding is 1/eps (``F.normalize`` of a zero vector)."""
     diff = F.normalize(e[None, :, :] - e[:, None, :], p=2, dim=2)  # (B, B, D): [j, i] = e_i − e_j, unit
-    return torch.bmm(diff, diff.transpose(1, 2)).flatten()  # [j, i, k]
+    return torch.bmm(diff, diff.transpose(1, 2)).flatten()  # (B³,): [j, i, k]
 
 
 class RKDLoss(nn.Module):

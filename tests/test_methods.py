@@ -13,7 +13,8 @@ from torch import nn
 
 import data_utils
 import train_eval
-from feature_kd import ATLoss, CRDLoss, HintLoss, PKTLoss, RKDLoss, SPLoss, nce_loss
+from feature_kd import ATLoss, CRDLoss, HintLoss, PKTLoss, RKDLoss, SPLoss, nce_loss, triplet_angles
+from methods.rkd import triplet_angles_by_differences
 from model import create_model, read_checkpoint
 from train_eval import METHODS, TIMING_COLUMNS, load_history, make_config, run_identity
 from train_kd import Distiller, DKDLoss, distill, dkd_terms, kd_loss
@@ -130,6 +131,35 @@ def test_rkd_against_the_papers_equations():
     assert value.item() == pytest.approx(_rkd_by_hand(s, t), rel=1e-5)
     same = RKDLoss()({"pooled": torch.tensor(s) * 3}, {"pooled": torch.tensor(s)})
     assert same.item() == pytest.approx(0.0, abs=1e-6)  # relations ignore scale
+
+
+def test_rkd_angles_from_the_gram_matrix_match_the_difference_vectors_with_their_gradients():
+    torch.manual_seed(0)
+    # A common offset 100x the spread: uncentred Gram entries would lose about 4 of float32's 7 digits.
+    e = torch.randn(12, 1280, dtype=torch.float64) + 100 * torch.rand(1280, dtype=torch.float64)
+    slow, fast = e.clone().requires_grad_(), e.float().requires_grad_()
+    angles = triplet_angles(fast)
+    assert torch.allclose(angles.double(), triplet_angles_by_differences(slow), atol=2e-6)
+    # Zero at i = j and k = j, as RKD's smooth L1 gives there (both angles 0): the reference's gradient
+    # through a normalised zero vector is 1e12 times its weight and swamps the rest in rounding.
+    eye = torch.eye(12, dtype=torch.float64)
+    weights = (torch.randn(12, 12, 12, dtype=torch.float64) * (1 - eye)[:, :, None] * (1 - eye)[:, None, :]).flatten()
+    (triplet_angles_by_differences(slow) * weights).sum().backward()
+    (angles * weights.float()).sum().backward()
+    assert torch.allclose(fast.grad.double(), slow.grad, atol=1e-4 * slow.grad.abs().max().item())
+
+
+def test_rkd_angles_at_a_repeated_embedding_are_zero_with_finite_gradients():
+    # A zero difference normalised is the zero vector (F.normalize), whose own gradient is 1/eps = 1e12.
+    e = torch.randn(6, 40)
+    e[5] = e[3]
+    e.requires_grad_()
+    angles = triplet_angles(e).view(6, 6, 6)  # [j, i, k]
+    assert angles[3, 5].abs().max() == 0 and angles[3, :, 5].abs().max() == 0 and angles[3, 3].abs().max() == 0
+    assert torch.allclose(angles.flatten(), triplet_angles_by_differences(e.detach()), atol=1e-6)
+    assert torch.allclose(triplet_angles(e.detach() * 1e-15), angles.flatten(), atol=1e-6)  # tiny, not "tied"
+    angles.sum().backward()
+    assert torch.isfinite(e.grad).all() and e.grad.abs().max() < 100
 
 
 def _stages(*maps):
