@@ -53,11 +53,16 @@ class FSPLoss(nn.Module):
 
 def build_fsp(cfg, student: nn.Module, teacher: nn.Module, **_) -> FSPLoss:
     if list(student.stage_channels) != list(teacher.stage_channels):
+        same_family = type(student) is type(teacher)
+        fix = (
+            "Give the student the teacher's widths (--width)"
+            if same_family
+            else "Use a student of the teacher's family"
+        )
         raise ValueError(
             f"FSP compares the student's and the teacher's stage-to-stage matrices entry by entry, so their "
             f"stages need the same channels: student {list(student.stage_channels)}, teacher "
-            f"{list(teacher.stage_channels)}. Give the student the teacher's widths (--width), or use a "
-            f"method with an adapter (ab, ft, fitnet)"
+            f"{list(teacher.stage_channels)}. {fix}, or use a method with an adapter (ab, ft, fitnet)"
         )
     return FSPLoss()
 

@@ -64,6 +64,16 @@ def test_fsp_by_hand_with_a_pooled_pair():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_fsp_refuses_unequal_channels_saying_what_would_fix_them():
+    from methods.fsp import build_fsp
+
+    teacher = create_model("vgg13", num_classes=10, width=0.25)
+    with pytest.raises(ValueError, match=r"teacher's widths \(--width\)"):
+        build_fsp(None, create_model("vgg8", num_classes=10, width=0.125), teacher)
+    with pytest.raises(ValueError, match="student of the teacher's family"):  # no width of it would do
+        build_fsp(None, create_model("mobilenetv2", num_classes=10, width=0.25), teacher)
+
+
 def test_ab_by_hand_closed_form():
     r = torch.tensor([2.0, 0.5, -0.5, 0.3]).view(1, 1, 2, 2)  # student pre-activations
     t = torch.tensor([1.0, 1.0, -1.0, 0.0]).view(1, 1, 2, 2)  # teacher: fires, fires, not, not (0 is not)
