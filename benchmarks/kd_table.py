@@ -257,7 +257,7 @@ def cost_line(df: pd.DataFrame, cores: int = 2) -> str:
 def across_pairs(by_pair: dict[str, pd.DataFrame], column: str) -> pd.DataFrame:
     """One row per method, one column per pair: its verdict (``column``: against CE or KD), with the
     runs that failed; ``holds`` says whether every pair that ran it gives the same verdict ("one pair"
-    where only one did)."""
+    where only one did; ``_holds``)."""
     cells = {}
     for name, t in by_pair.items():
         if column not in t:
@@ -271,13 +271,17 @@ def across_pairs(by_pair: dict[str, pd.DataFrame], column: str) -> pd.DataFrame:
 
 
 def _holds(verdicts: pd.Series) -> str:
-    """A verdict "holds" only where at least two pairs ran the method; one pair cannot show that."""
+    """A verdict "holds" only where at least two pairs ran the method; one pair cannot show that. One that
+    does not hold "reverses" (higher on one pair, lower on another) or "flips" (a direction on some pairs,
+    within noise on others: a difference one pair resolves and another does not)."""
     ran = verdicts.dropna()
     if (ran == "–").all():  # the reference itself (ce against ce)
         return "–"
     if len(ran) < 2:
         return "one pair"
-    return "yes" if ran.nunique() == 1 else "flips"
+    if ran.nunique() == 1:
+        return "yes"
+    return "reverses" if {"higher", "lower"} <= set(ran) else "flips"
 
 
 def _ran(df: pd.DataFrame) -> pd.DataFrame:
@@ -419,8 +423,9 @@ def write(df: pd.DataFrame, prefix: str) -> None:
             "### Verdicts across pairs",
             "",
             "Paired 95% CI of validation top-1 against CE and KD "
-            "(higher, lower, or within noise where it spans 0); `holds`: the same verdict on every pair that ran "
-            "the method (`one pair` where only one has).",
+            "(higher, lower, or within noise where it spans 0); `holds`: `yes` where every pair that ran the "
+            "method gives the same verdict (`one pair` where only one has), `reverses` where it is higher on one "
+            "pair and lower on another, `flips` where it is higher or lower on some and within noise on others.",
         ]
         for column in VERDICTS:
             lines += ["", f"**{column.removesuffix(' verdict')}**", "", markdown(across_pairs(by_pair, column))]

@@ -67,6 +67,8 @@ def test_kd_table_rebuilds_one_table_per_pair_from_its_csv(tmp_path):
     one = {"vgg13-vgg8": tables["vgg13-vgg8"], "vgg13-mv2": tables["vgg13-mv2"].drop(index="kd")}
     assert kd_table.across_pairs(one, "vs ce verdict").loc["kd", "holds"] == "one pair"
     assert verdicts.loc["ce", "holds"] == "–"  # the reference is not a verdict
+    holds = [kd_table._holds(pd.Series(v)) for v in (["higher", "lower"], ["lower", "within noise", "lower"])]
+    assert holds == ["reverses", "flips"]
     md = open(f"{prefix}.md").read()
     assert "### Verdicts across pairs" in md and "| flips |" in md
     assert "the others run it online (vgg13-vgg8: bf16 autocast; vgg13-mv2: fp32)" in md
