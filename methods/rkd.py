@@ -24,8 +24,8 @@ def triplet_angles(e: torch.Tensor) -> torch.Tensor:
     2G_ij: O(B²D + B³), where normalising every difference vector costs O(B³D), which with MobileNetV2's
     1280-wide embedding made RKD about seven times the rest of its cohort. Angles ignore translation, so the
     batch mean is removed first: the Gram entries then have the size of the differences, not of the
-    embeddings. A squared distance within rounding of 0 (256 ulp of ‖e_i‖² + ‖e_j‖², both centred; about
-    0.5% of their length in float32) is a repeated embedding, whose angles are 0.
+    embeddings. A squared distance within rounding of 0 (256 ulp of ‖e_i‖² + ‖e_j‖², both centred: a distance
+    under about 0.8% of their length in float32) is a repeated embedding, whose angles are 0.
     """
     c = e - e.mean(0)  # (B, D)
     g = c @ c.t()  # (B, B)
