@@ -11,7 +11,9 @@ runs per cell. The pick is the cell with the highest mean validation top-1 among
 whose runs failed. A pick at the edge of the values tried adds the next cell past it (×3 or ×1/3)
 and picks again, up to ``MAX_EXTENSIONS`` times: a pick on the edge is extended before it counts.
 Every batch is one ``run_many`` call, so runs that share a teacher and a data stream train together
-(cohorts) across methods and cells.
+(cohorts) across methods and cells. With a ``record`` (``run_records.py``) the grid's runs are kept in a
+small CSV after each batch and read back from it, so a tuning that outlasts a working session resumes on
+a machine without its run folders; the confirmation runs, which report test accuracy, always train here.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from analysis import FAILED
 from config import Config
 from pruning import Prune, prune_runs
 from registry import resolve_recipe
-from sweeps import run_many, run_metrics
+from run_records import RunRecords
+from sweeps import recorded_batch, run_many, run_metrics
 
 FACTORS = (1 / 3, 1.0, 3.0)
 STEP = 3.0
@@ -84,13 +87,18 @@ def _config(base: Config, t: Tuning, value: float, seed: int) -> Config:
     return replace(base, seed=seed, data_seed=seed, **extra)
 
 
-def _run(batch: list[tuple[Tuning, float, int, Config]], jobs, prune: Prune | None = None) -> None:
+def _run(
+    batch: list[tuple[Tuning, float, int, Config]], jobs, prune: Prune | None = None, records: RunRecords | None = None
+) -> None:
     """Train a batch of (tuning, value, seed, config) in one ``run_many`` call per rung (``prune``: cells
     far behind their own method's best stop there, ``pruning.py``) and one to the end; a row per run
-    into its tuning, a stopped run's with the epoch in ``pruned_at``."""
+    into its tuning, a stopped run's with the epoch in ``pruned_at``. Runs that ``records`` holds are
+    read from it (their row's ``recorded`` says where they trained); the others are added to it."""
 
     def run_batch(cfgs):
-        return run_many(cfgs, jobs=jobs, desc="tuning")
+        if records is None:
+            return run_many(cfgs, jobs=jobs, desc="tuning")
+        return recorded_batch(records, cfgs, lambda todo: run_many(todo, jobs=jobs, desc="tuning"))
 
     stopped, done = {}, {}
     if prune is not None:
@@ -105,21 +113,28 @@ def _run(batch: list[tuple[Tuning, float, int, Config]], jobs, prune: Prune | No
             row |= run_metrics(res["history"])
         else:
             row |= {"val_top1": float("nan"), "error": res["error"]}
+        row |= {"recorded": res["recorded"]} if "recorded" in res else {}
         t.rows.append(row | ({"pruned_at": stopped[i]} if i in stopped else {}))
 
 
 def tune(
-    bases: dict[str, Config], seeds=range(3), jobs: int | str = "auto", prune: Prune | None = None
+    bases: dict[str, Config],
+    seeds=range(3),
+    jobs: int | str = "auto",
+    prune: Prune | None = None,
+    record: str | None = None,
 ) -> dict[str, Tuning]:
     """Every method of ``bases`` (name -> its base config) tuned on validation; see the module docstring.
-    ``prune``: each batch stops, at its rungs, the cells far behind their method's best (never the best)."""
+    ``prune``: each batch stops, at its rungs, the cells far behind their method's best (never the best).
+    ``record``: a CSV of the grid's runs, read back and added to after each batch (``run_records.py``)."""
+    records = RunRecords(record) if record else None
     tunings = {}
     for name, base in bases.items():
         key = strength(base)
         recipe = recipe_value(base, key)
         tunings[name] = Tuning(base.method, key, recipe, [recipe * f for f in FACTORS])
     first = [(t, v, s, _config(bases[n], t, v, s)) for n, t in tunings.items() for v in t.values for s in seeds]
-    _run(first, jobs, prune)
+    _run(first, jobs, prune, records)
     for _ in range(MAX_EXTENSIONS + 1):
         batch = []
         for name, t in tunings.items():
@@ -132,7 +147,7 @@ def tune(
                 batch += [(t, nxt, s, _config(bases[name], t, nxt, s)) for s in seeds]
         if not batch:
             break
-        _run(batch, jobs, prune)
+        _run(batch, jobs, prune, records)
     return tunings
 
 

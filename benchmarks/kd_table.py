@@ -10,6 +10,7 @@
     python benchmarks/kd_table.py --pair vgg16-vgg11 --replace-pair  # its rows came from another processor
     python benchmarks/kd_table.py --compare-published  # each method's published CIFAR-100 number beside ours
     python benchmarks/kd_table.py --tune               # tuned on validation, picks at 5 seeds: docs/methods_tuned.*
+                                                       # (grid runs kept in results/methods_tuned_grids.csv)
 
 Each method runs with its published recipe, untuned, 3 seeds (model and stream seed together, so
 every method is paired by seed with cross-entropy and KD), on a pair of ``pairs.py`` (default the
@@ -53,7 +54,10 @@ from runs import make_loaders, run_lock, train  # noqa: E402
 from sweeps import RunsFailed, sweep  # noqa: E402
 from tuning import FACTORS, MAX_EXTENSIONS, confirm, tune  # noqa: E402
 
-DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = os.path.join(ROOT, "docs")
+# the --tune grid's runs, per epoch: a pair's tuning outlasts a session, and the next may be on a fresh machine
+TUNING_RECORD = os.path.join(ROOT, "results", "methods_tuned_grids.csv")
 RELEASE_EPOCHS = 240  # the CIFAR-100 schedule the recipes' epoch counts belong to
 RELEASE_TRAIN_IMAGES = 50_000
 CRD_NEGATIVES = 16_384
@@ -508,10 +512,12 @@ def write_versus_published(df: pd.DataFrame, prefix: str) -> None:
 
 def tuned_runs(args) -> pd.DataFrame:
     """Every method but CE tuned on validation (``tuning.tune``: its strength x 1/3, 1, 3 at 3 seeds, edges
-    extended), then each pick, CE and KD's pick at 5 seeds (``tuning.confirm``); one row per run."""
+    extended; the grid's runs read from and added to ``args.record``), then each pick, CE and KD's pick at
+    5 seeds (``tuning.confirm``, trained here); one row per run."""
     bases = configs(args)
     tunable = {m: c for m, c in bases.items() if m != "ce"}
-    tunings = tune(tunable, seeds=range(args.seeds), jobs=args.jobs, prune=None if args.no_prune else Prune())
+    prune = None if args.no_prune else Prune()
+    tunings = tune(tunable, seeds=range(args.seeds), jobs=args.jobs, prune=prune, record=args.record)
     grid = pd.DataFrame([r for t in tunings.values() for r in t.rows]).assign(stage="grid")
     confirmed = confirm(bases, tunings, seeds=range(args.confirm_seeds), jobs=args.jobs).assign(stage="confirm")
     df = pd.concat([grid, confirmed], ignore_index=True)
@@ -520,12 +526,14 @@ def tuned_runs(args) -> pd.DataFrame:
     df["picked"] = [v == picks.get(m) for m, v in zip(df["method"], df["value"], strict=True)]
     df["pick_on_edge"] = df["method"].map(edges)
     trained = [d for d in df["run_dir"].dropna() if os.path.isfile(os.path.join(d, "checkpoint.pt"))]
-    df["minutes_alone"] = df["run_dir"].map(minutes_alone(trained))
+    # a run read from the record, its folder elsewhere: the minutes its own epochs measured
+    alone = df["run_dir"].map(minutes_alone(trained))
+    df["minutes_alone"] = alone.fillna(df["minutes_alone"]) if "minutes_alone" in df else alone
     df.insert(0, "pair", args.pair)
     df["teacher"] = os.path.basename(next(iter(bases.values())).teacher)
     df["commit"], df["processor"] = code_commit(), processor()
     keep = ["pair", "method", "param", "value", "seed", "stage", "picked", "pick_on_edge", "pruned_at", "teacher",
-            "val_top1", "test_top1", "minutes_alone", FAILED, "error", "commit", "processor"]  # fmt: skip
+            "val_top1", "test_top1", "minutes_alone", FAILED, "error", "recorded", "commit", "processor"]  # fmt: skip
     return df[[c for c in keep if c in df]]
 
 
@@ -635,6 +643,12 @@ def main(argv=None) -> pd.DataFrame:
         action="store_true",
         help="with --tune: train every grid cell in full (default: prune on validation)",
     )
+    parser.add_argument(
+        "--record",
+        default=None,
+        help="with --tune: the CSV that keeps the grid's runs per epoch, read back on a machine without their "
+        f"folders (default: {os.path.relpath(TUNING_RECORD, ROOT)}; none with --quick; 'none': no record)",
+    )
     parser.add_argument("--jobs", default="auto")
     parser.add_argument(
         "--compare-published", action="store_true", help="write <prefix>_vs_published.md from the CSV, train nothing"
@@ -651,6 +665,10 @@ def main(argv=None) -> pd.DataFrame:
     args.jobs = args.jobs if args.jobs == "auto" else int(args.jobs)
     if args.teacher_amp == "auto":
         args.teacher_amp = fast_teacher_amp()
+    if args.record is None:
+        args.record = None if args.quick else TUNING_RECORD
+    elif args.record == "none":
+        args.record = None
     if args.tune:
         path = (
             args.prefix.replace("methods_untuned", "methods_tuned") if args.prefix.endswith("untuned") else args.prefix

@@ -113,3 +113,28 @@ def test_pruning_stops_cells_far_behind_their_own_methods_best(monkeypatch):
     assert set(pruned["epochs"]) == {8}  # its row is the run as it stopped
     assert t["at"].pick == 1000.0 and t["dkd"].pick == pytest.approx(2.0)
     assert all(r["epochs"] == 30 for r in t["dkd"].rows)  # every dkd cell trained in full
+
+
+def test_a_recorded_grid_is_read_back_without_training_on_a_machine_without_its_folders(monkeypatch, tmp_path):
+    # a tuning that outlasts a session: the next, on a fresh machine, picks again from the record alone
+    record = str(tmp_path / "grids.csv")
+    at = {1000 / 3: 74.0, 1000.0: 75.0, 3000.0: 60.0}  # at x3 stops at its first rung: its record is 8 epochs
+    bases = {m: make_config("smoke", method=m, epochs=30, val_size=200) for m in ("at", "dkd")}
+    first = FakeEpochRuns()
+    first.score = lambda m, v, s: at[min(at, key=lambda k: abs(k - v))] if m == "at" else 70 - abs(v - 2) / 12
+    monkeypatch.setattr(tuning, "run_many", first.run_many)
+    monkeypatch.setattr(tuning, "run_metrics", first.metrics)
+    before = tuning.tune(bases, seeds=range(3), jobs=1, prune=tuning.Prune(), record=record)
+    assert first.configs and "recorded" not in pd.DataFrame(before["at"].rows)
+    assert pd.DataFrame(before["at"].rows)["pruned_at"].notna().sum() == 3
+
+    fresh = FakeEpochRuns()
+    fresh.score = lambda *_: pytest.fail("a recorded run was trained again")
+    monkeypatch.setattr(tuning, "run_many", fresh.run_many)
+    after = tuning.tune(bases, seeds=range(3), jobs=1, prune=tuning.Prune(), record=record)
+    assert fresh.configs == []
+    for m in bases:
+        assert after[m].pick == before[m].pick and after[m].values == before[m].values
+        rows = pd.DataFrame(after[m].rows)
+        assert rows["recorded"].notna().all() and list(rows["val_top1"]) == [r["val_top1"] for r in before[m].rows]
+        assert list(rows["epochs"]) == [r["epochs"] for r in before[m].rows]  # a pruned run as it stopped
