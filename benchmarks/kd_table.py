@@ -3,7 +3,7 @@
     python benchmarks/kd_table.py              # resumable; reuses finished runs and the CSV's rows from this
                                                # processor; writes docs/methods_untuned.*
     python benchmarks/kd_table.py --quick      # smoke profile on generated data: checks the script (seconds)
-    python benchmarks/kd_table.py --table-only # rebuild the table from the committed CSV
+    python benchmarks/kd_table.py --table-only # rebuild the table from the committed CSV (with --tune: the tuned)
     python benchmarks/kd_table.py --cost       # each method's seconds per step against CE (minutes)
     python benchmarks/kd_table.py --methods ce kd at   # some methods; their rows replace theirs in the CSV
     python benchmarks/kd_table.py --pair vgg13-mv2     # another pair of pairs.py (default: the demo's)
@@ -266,7 +266,7 @@ def across_pairs(by_pair: dict[str, pd.DataFrame], column: str) -> pd.DataFrame:
     for name, t in by_pair.items():
         if column not in t:
             continue
-        failed = t["failed"].map(lambda n: f" ({n} failed)" if n else "")
+        failed = t["failed"].map(lambda n: f" ({n} failed)" if n else "") if "failed" in t else ""
         cells[name] = t[column].fillna("–") + failed
     out = pd.DataFrame(cells)
     bare = out.apply(lambda col: col.str.replace(r" \(\d+ failed\)", "", regex=True))
@@ -421,43 +421,51 @@ def write(df: pd.DataFrame, prefix: str) -> None:
         for method, why in refused(df[df["pair"] == name]).items():
             lines += ["", f"`{method}` could not run on this pair: {why}"]
         print(f"{name}\n{shown.to_string()}")
-    if len(by_pair) > 1:
-        lines += [
-            "",
-            "### Verdicts across pairs",
-            "",
-            "Paired 95% CI of validation top-1 against CE and KD "
-            "(higher, lower, or within noise where it spans 0); `holds`: `yes` where every pair that ran the "
-            "method gives the same verdict (`one pair` where only one has), `reverses` where it is higher on one "
-            "pair and lower on another, `flips` where it is higher or lower on some and within noise on others.",
-        ]
-        for column in VERDICTS:
-            lines += ["", f"**{column.removesuffix(' verdict')}**", "", markdown(across_pairs(by_pair, column))]
+    lines += verdicts_across_pairs(by_pair, "validation top-1")
     lines += ["", f"![validation top-1 by method and pair]({os.path.basename(prefix)}.png)"]
     plot(by_pair, f"{prefix}.png")
     with open(f"{prefix}.md", "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
-def plot(by_pair: dict[str, pd.DataFrame], path: str) -> None:
-    """Each method's mean validation top-1 with its 95% CI over seeds, one panel per pair (methods in
-    the first pair's order); CE and KD as reference lines."""
+def verdicts_across_pairs(by_pair: dict[str, pd.DataFrame], measure: str) -> list[str]:
+    """The markdown lines of the across-pairs section (none for a single pair): each method's verdict
+    against CE and against KD on every pair, and whether it holds."""
+    if len(by_pair) < 2:
+        return []
+    lines = [
+        "",
+        "### Verdicts across pairs",
+        "",
+        f"Paired 95% CI of {measure} against CE and KD "
+        "(higher, lower, or within noise where it spans 0); `holds`: `yes` where every pair that ran the "
+        "method gives the same verdict (`one pair` where only one has), `reverses` where it is higher on one "
+        "pair and lower on another, `flips` where it is higher or lower on some and within noise on others.",
+    ]
+    for column in VERDICTS:
+        lines += ["", f"**{column.removesuffix(' verdict')}**", "", markdown(across_pairs(by_pair, column))]
+    return lines
+
+
+def plot(by_pair: dict[str, pd.DataFrame], path: str, column: str = "val_top1", label: str = "validation") -> None:
+    """Each method's mean ``column`` (top-1) with its 95% CI over seeds (``ci95``), one panel per pair
+    (methods in the first pair's order); CE and KD as reference lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    order = list(next(iter(by_pair.values())).sort_values("val_top1").index)
+    order = list(next(iter(by_pair.values())).sort_values(column).index)
     order += sorted({m for t in by_pair.values() for m in t.index} - set(order))
     fig, axes = plt.subplots(1, len(by_pair), figsize=(4.5 * len(by_pair), 0.28 * len(order) + 1.2), sharey=True)
     for ax, (name, t) in zip(list(getattr(axes, "flat", [axes])), by_pair.items(), strict=True):
         t = t.reindex(order)
-        ax.errorbar(t["val_top1"], range(len(t)), xerr=t["ci95"].fillna(0), fmt="o", color="k", capsize=2)
+        ax.errorbar(t[column], range(len(t)), xerr=t["ci95"].fillna(0), fmt="o", color="k", capsize=2)
         for base, style in (("ce", ":"), ("kd", "--")):
-            if base in t.index and pd.notna(t.loc[base, "val_top1"]):
-                ax.axvline(t.loc[base, "val_top1"], ls=style, color="grey", label=base)
+            if base in t.index and pd.notna(t.loc[base, column]):
+                ax.axvline(t.loc[base, column], ls=style, color="grey", label=base)
         ax.set_title(name)
-        ax.set_xlabel("validation top-1 (%), mean and 95% CI")
+        ax.set_xlabel(f"{label} top-1 (%), mean and 95% CI")
         if ax.get_legend_handles_labels()[0]:  # a pair whose CE or KD runs are not in yet has no lines
             ax.legend(loc="lower right")
     axes_list = list(getattr(axes, "flat", [axes]))
@@ -547,14 +555,16 @@ def tuned_table(df: pd.DataFrame) -> pd.DataFrame:
         grid = runs[runs["stage"] == "grid"]
         picked = conf[conf["method"] == method]
         pick_grid = grid[grid["picked"].astype(bool)]
+        param = runs["param"].iloc[0]
+        tuned = isinstance(param, str) and param != ""  # CE has none: "" when built, NaN when read from the CSV
         rows.append(
             {
                 "method": method,
-                "param": runs["param"].iloc[0] or "–",
-                "pick": picked["value"].iloc[0] if len(picked) and runs["param"].iloc[0] else float("nan"),
+                "param": param if tuned else "–",
+                "pick": picked["value"].iloc[0] if len(picked) and tuned else float("nan"),
                 "cells": grid["value"].nunique(),
                 "runs": len(runs.drop_duplicates(["value", "seed"])),
-                "edge": bool(runs["pick_on_edge"].iloc[0]) if runs["param"].iloc[0] else False,
+                "edge": bool(runs["pick_on_edge"].iloc[0]) if tuned else False,
                 "val_top1": pick_grid["val_top1"].mean(),
                 "test_top1": picked["test_top1"].mean(),
                 "ci95": ci95(picked["test_top1"]) if len(picked) > 1 else float("nan"),
@@ -567,6 +577,7 @@ def tuned_table(df: pd.DataFrame) -> pd.DataFrame:
             d = compare_columns(conf, by="method", baseline=base, columns=["test_top1"]).xs("test_top1", level=1)
             out[f"vs {base}"] = d["diff"]
             out[f"vs {base} 95% CI"] = d["ci_low"].map("{:+.2f}".format) + " to " + d["ci_high"].map("{:+.2f}".format)
+            out[f"vs {base} verdict"] = d["verdict"]
     return out.sort_values("test_top1", ascending=False)
 
 
@@ -594,12 +605,16 @@ def write_tuned(df: pd.DataFrame, prefix: str) -> None:
         f"`python benchmarks/kd_table.py --tune [--pair NAME]` at {commits}."
     )
     lines = [header]
-    for name in [p for p in pairs("cpu") if p in set(df["pair"])]:
+    by_pair = {p: tuned_table(df[df["pair"] == p]) for p in pairs("cpu") if p in set(df["pair"])}
+    for name, t in by_pair.items():
         (tm, tw), (sm, sw) = get_pair("cpu", name).teacher, get_pair("cpu", name).student
         lines += ["", f"### {name}: {tm} x{tw:g} teacher, {sm} x{sw:g} student", ""]
-        lines.append(markdown(tuned_table(df[df["pair"] == name]).round(2)))
+        lines.append(markdown(t.drop(columns=[c for c in VERDICTS if c in t]).round(2)))
         runs = df[df["pair"] == name].drop_duplicates(["method", "value", "seed"])  # a pick's grid runs count once
         lines += ["", cost_line(runs) + " The recipe's cells are the untuned table's runs, counted here too."]
+    lines += verdicts_across_pairs(by_pair, "the picks' test top-1")
+    lines += ["", f"![test top-1 of each pick by method and pair]({os.path.basename(prefix)}.png)"]
+    plot(by_pair, f"{prefix}.png", column="test_top1", label="test (the pick's)")
     with open(f"{prefix}.md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -673,6 +688,12 @@ def main(argv=None) -> pd.DataFrame:
         path = (
             args.prefix.replace("methods_untuned", "methods_tuned") if args.prefix.endswith("untuned") else args.prefix
         )
+        if args.table_only:
+            if not os.path.isfile(f"{path}.csv"):
+                raise SystemExit(f"no {path}.csv yet: run python benchmarks/kd_table.py --tune first")
+            df = read_rows(f"{path}.csv")
+            write_tuned(df, path)
+            return df
         keys = ["pair", "method", "value", "seed", "stage"]
         # the methods tuned now replace all their rows on this pair (a new grid may drop a cell); the pair's
         # other methods keep theirs, so a pair can be tuned in groups (--methods), each group committed

@@ -122,6 +122,11 @@ def test_kd_table_tuned_summary_by_hand():
     assert t.loc["at", "minutes"] == 5.0 and bool(t.loc["at", "edge"])
     assert t.loc["at", "val_top1"] == 53.0 and t.loc["at", "test_top1"] == 63.0
     assert t.loc["at", "vs ce"] == 2.0 and t.loc["ce", "runs"] == 3 and t.loc["ce", "param"] == "–"
+    assert t.loc["at", "vs ce verdict"] == "within noise"  # +1, +2, +3: t(2) 4.30 x 1/sqrt(3) = 2.48 > 2
+    df = df.astype({"pick_on_edge": object})
+    df.loc[df["method"] == "ce", ["param", "pick_on_edge"]] = float("nan")  # CE's empty cells, read from a CSV
+    t = _kd_table().tuned_table(df)
+    assert t.loc["ce", "param"] == "–" and pd.isna(t.loc["ce", "pick"]) and not t.loc["ce", "edge"]
 
 
 def test_kd_table_tunes_a_pair_in_groups_of_methods(tmp_path, monkeypatch):
@@ -155,7 +160,9 @@ def test_kd_table_tunes_a_pair_in_groups_of_methods(tmp_path, monkeypatch):
     here = df[df["pair"] == "vgg13-vgg8"]
     assert sorted(set(here["method"])) == ["at", "ce", "kd"] and set(df["pair"]) == {"vgg13-vgg8", "vgg16-vgg11"}
     assert sorted(set(here.loc[here["method"] == "at", "value"])) == [1000.0, 3000.0, 9000.0]
-    assert "### vgg13-vgg8" in open(f"{prefix}.md").read()
+    md = open(f"{prefix}.md").read()
+    assert "### vgg13-vgg8" in md and "### Verdicts across pairs" in md
+    assert (tmp_path / "tuned.png").stat().st_size > 0
 
 
 def test_kd_table_rows_of_processes_run_side_by_side_are_merged_not_overwritten(tmp_path):
