@@ -111,9 +111,29 @@ class RunRecords:
         self.rows = pd.concat([kept, new[KEY_COLUMNS + list(history.columns)]], ignore_index=True) if len(kept) else new
 
     def save(self) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        columns = KEY_COLUMNS + [c for c in self.rows.columns if c not in KEY_COLUMNS]
-        atomic_write_text(self.path, self.rows[columns].to_csv(index=False))
+        """Write the record, merged under a lock with the file as it is now: processes that share a record
+        (two method groups tuned side by side) each keep what the other added; per run, the longer
+        history wins."""
+        from runs import run_lock  # torch-heavy: only when something is saved
+
+        folder = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(folder, exist_ok=True)
+        with run_lock(folder):
+            if os.path.isfile(self.path):
+                self.rows = _longer_history(pd.read_csv(self.path, dtype=dict.fromkeys(KEY_COLUMNS, str)), self.rows)
+            columns = KEY_COLUMNS + [c for c in self.rows.columns if c not in KEY_COLUMNS]
+            atomic_write_text(self.path, self.rows[columns].to_csv(index=False))
+
+
+def _longer_history(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``a`` and ``b``, each run's (key's) from whichever holds more of its epochs (``b`` on a tie)."""
+    if not len(a):
+        return b
+    if not len(b):
+        return a
+    longer_in_a = a["key"].value_counts().gt(b["key"].value_counts().reindex(a["key"].unique(), fill_value=0))
+    from_a = a["key"].map(longer_in_a)
+    return pd.concat([b[~b["key"].isin(set(a.loc[from_a, "key"]))], a[from_a]], ignore_index=True)
 
 
 def record_folders(path: str, run_dirs: list[str]) -> int:

@@ -99,3 +99,19 @@ def test_a_commit_that_looks_like_a_number_reads_back_as_text(smoke_cfg, tmp_pat
     assert reread.lookup(smoke_cfg(epochs=1))["recorded"].endswith(" at 9e55246")
     reread.save()  # a later session saving what it read keeps the commit as it was
     assert pd.read_csv(path, dtype=str)["commit"].tolist() == ["9e55246"]
+
+
+def test_two_processes_sharing_a_record_each_keep_what_the_other_added(smoke_cfg, tmp_path):
+    # two method groups tuned side by side, each with the record it read at its start
+    path, runs = str(tmp_path / "r.csv"), str(tmp_path / "runs")
+    a, b, c = (smoke_cfg(epochs=4, seed=s) for s in (0, 1, 2))
+    history = pd.DataFrame({"epoch": [1, 2, 3, 4], "val_top1": [10.0, 20.0, 30.0, 40.0], "seconds": 1.0})
+    first, second = RunRecords(path), RunRecords(path)
+    first.add(a, history, f"{runs}/a")
+    first.add(c, history, f"{runs}/c")  # c in full here ...
+    second.add(b, history, f"{runs}/b")
+    second.add(c, history.head(2), f"{runs}/c")  # ... and to a pruning rung there
+    first.save()
+    second.save()  # later: it must neither drop a, nor cut c back to its rung
+    merged = RunRecords(path)
+    assert [len(merged.lookup(cfg)["history"]) for cfg in (a, b, c)] == [4, 4, 4]
