@@ -9,6 +9,7 @@
     python benchmarks/kd_table.py --pair vgg13-mv2     # another pair of pairs.py (default: the demo's)
     python benchmarks/kd_table.py --pair vgg16-vgg11 --replace-pair  # its rows came from another processor
     python benchmarks/kd_table.py --compare-published  # each method's published CIFAR-100 number beside ours
+                                                       # (with --tune: beside the tuned picks' test top-1)
     python benchmarks/kd_table.py --tune               # tuned on validation, picks at 5 seeds: docs/methods_tuned.*
                                                        # (grid runs kept in results/methods_tuned_grids.csv)
 
@@ -475,16 +476,17 @@ def plot(by_pair: dict[str, pd.DataFrame], path: str, column: str = "val_top1", 
     plt.close(fig)
 
 
-def versus_published(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+def versus_published(by_pair: dict[str, pd.DataFrame], column: str = "val_top1") -> dict[str, pd.DataFrame]:
     """Per pair with published numbers: each method's published CIFAR-100 top-1 and its difference to
-    KD beside this table's validation top-1 and paired difference to KD, and whether the two differences
-    point the same way (``within noise`` where this table's CI spans 0)."""
+    KD beside this project's ``column`` (the untuned table's validation top-1, the tuned picks' test
+    top-1) and paired difference to KD, and whether the two differences point the same way (``within
+    noise`` where this project's CI spans 0). ``by_pair``: ``tables`` or the tuned tables."""
     out = {}
-    for name, t in tables(with_pair(df)).items():
+    for name, t in by_pair.items():
         pub = published_frame(name)
         if pub.empty or "vs kd" not in t:
             continue
-        both = pub.join(t[["val_top1", "vs kd", "vs kd 95% CI"]], how="inner")
+        both = pub.join(t[[column, "vs kd", "vs kd 95% CI"]], how="inner")
         low_high = both["vs kd 95% CI"].str.split(" to ", expand=True).astype(float)
         spans_zero = (low_high[0] <= 0) & (low_high[1] >= 0)
         same = (both["vs kd"] > 0) == (both["published vs kd"] > 0)
@@ -496,18 +498,25 @@ def versus_published(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return out
 
 
-def write_versus_published(df: pd.DataFrame, prefix: str) -> None:
+def write_versus_published(by_pair: dict[str, pd.DataFrame], prefix: str, tuned: bool = False) -> None:
+    """``<prefix>_vs_published.md``: ``versus_published`` of the untuned tables, or of the tuned ones."""
     from scipy.stats import spearmanr
 
+    column = "test_top1" if tuned else "val_top1"
+    ours = (
+        "tuned `cpu` table (CIFAR-10, 1/4- and 1/8-width networks, 30 epochs; each method's pick on validation, "
+        "its last-epoch test top-1 at 5 seeds"
+        if tuned
+        else "untuned `cpu` table (CIFAR-10, 1/4- and 1/8-width networks, 30 epochs, validation top-1 of the last epoch"
+    )
     lines = [
         "Published CIFAR-100 top-1 (full-width networks, 240 epochs; `published.py` gives each source) beside "
-        "this project's untuned `cpu` table (CIFAR-10, 1/4- and 1/8-width networks, 30 epochs, validation top-1 "
-        f"of the last epoch; `{os.path.basename(prefix)}.md`). The datasets and scales differ, so only the "
+        f"this project's {ours}; `{os.path.basename(prefix)}.md`). The datasets and scales differ, so only the "
         "direction of each method's difference to KD is compared; `within noise`: our paired 95% CI spans 0. "
-        "From `python benchmarks/kd_table.py --compare-published`.",
+        f"From `python benchmarks/kd_table.py{' --tune' if tuned else ''} --compare-published`.",
     ]
-    for name, both in versus_published(df).items():
-        rho = spearmanr(both["published"], both["val_top1"]).statistic
+    for name, both in versus_published(by_pair, column).items():
+        rho = spearmanr(both["published"], both[column]).statistic
         lines += ["", f"### {name} ({len(both)} methods; Spearman rank correlation of the two columns of "
                   f"top-1: {rho:+.2f})", "", markdown(both.round(2))]  # fmt: skip
     with open(f"{prefix}_vs_published.md", "w") as f:
@@ -581,6 +590,11 @@ def tuned_table(df: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values("test_top1", ascending=False)
 
 
+def tuned_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """``tuned_table`` of each pair that has runs, in ``pairs.py``'s order."""
+    return {p: tuned_table(df[df["pair"] == p]) for p in pairs("cpu") if p in set(df["pair"])}
+
+
 def write_tuned(df: pd.DataFrame, prefix: str) -> None:
     df = with_pair(df)
     df.to_csv(f"{prefix}.csv", index=False)
@@ -605,7 +619,7 @@ def write_tuned(df: pd.DataFrame, prefix: str) -> None:
         f"`python benchmarks/kd_table.py --tune [--pair NAME]` at {commits}."
     )
     lines = [header]
-    by_pair = {p: tuned_table(df[df["pair"] == p]) for p in pairs("cpu") if p in set(df["pair"])}
+    by_pair = tuned_tables(df)
     for name, t in by_pair.items():
         (tm, tw), (sm, sw) = get_pair("cpu", name).teacher, get_pair("cpu", name).student
         lines += ["", f"### {name}: {tm} x{tw:g} teacher, {sm} x{sw:g} student", ""]
@@ -688,11 +702,14 @@ def main(argv=None) -> pd.DataFrame:
         path = (
             args.prefix.replace("methods_untuned", "methods_tuned") if args.prefix.endswith("untuned") else args.prefix
         )
-        if args.table_only:
+        if args.table_only or args.compare_published:
             if not os.path.isfile(f"{path}.csv"):
                 raise SystemExit(f"no {path}.csv yet: run python benchmarks/kd_table.py --tune first")
-            df = read_rows(f"{path}.csv")
-            write_tuned(df, path)
+            df = with_pair(read_rows(f"{path}.csv"))
+            if args.compare_published:
+                write_versus_published(tuned_tables(df), path, tuned=True)
+            else:
+                write_tuned(df, path)
             return df
         keys = ["pair", "method", "value", "seed", "stage"]
         # the methods tuned now replace all their rows on this pair (a new grid may drop a cell); the pair's
@@ -715,7 +732,7 @@ def main(argv=None) -> pd.DataFrame:
         if done is None:
             raise SystemExit(f"no {args.prefix}.csv yet: run python benchmarks/kd_table.py first")
     if args.compare_published:
-        write_versus_published(done, args.prefix)
+        write_versus_published(tables(with_pair(done)), args.prefix)
         return done
     if args.table_only:
         df = done
