@@ -111,7 +111,8 @@ def test_command_lines(synthetic_dir, tmp_path):
     assert no_teacher.returncode != 0 and "--teacher" in no_teacher.stderr
 
 
-def test_real_cifar10_two_epochs_beat_45_percent(real_cifar10, tmp_path):
+def test_real_cifar10_one_epoch_beats_45_percent(real_cifar10, tmp_path):
+    # one epoch on the 45,000 training images reaches 54.0% on the AMD EPYC (two: 56.6%, twice the time)
     cfg = make_config(
         "cpu",
         data_dir=real_cifar10,
@@ -119,7 +120,7 @@ def test_real_cifar10_two_epochs_beat_45_percent(real_cifar10, tmp_path):
         model="vgg8",
         width=0.25,
         subset=0,
-        epochs=2,
+        epochs=1,
         schedule="constant",
     )
     result = train(cfg)
