@@ -426,8 +426,6 @@ def _sweep_grids(grids, seeds, jobs, best_by, run, cohorts, prune, records=None)
     ]
 
     def batch(cfgs, desc):
-        if records is None:
-            return run_many(cfgs, jobs=jobs, run=run, desc=desc, cohorts=cohorts)
         return recorded_batch(
             records, cfgs, lambda todo: run_many(todo, jobs=jobs, run=run, desc=desc, cohorts=cohorts)
         )
@@ -463,8 +461,11 @@ def _sweep_grids(grids, seeds, jobs, best_by, run, cohorts, prune, records=None)
     return out
 
 
-def recorded_batch(records: RunRecords, cfgs: list[Config], train) -> list[dict]:
-    """``train(cfgs)``'s results, with the runs ``records`` holds read from it and the others added to it."""
+def recorded_batch(records: RunRecords | None, cfgs: list[Config], train) -> list[dict]:
+    """``train(cfgs)``'s results, with the runs ``records`` holds read from it and the others added to it
+    (no record: ``train(cfgs)``)."""
+    if records is None:
+        return train(cfgs)
     out = [records.lookup(c) for c in cfgs]
     todo = [i for i, res in enumerate(out) if res is None]
     if todo:

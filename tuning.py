@@ -96,8 +96,6 @@ def _run(
     read from it (their row's ``recorded`` says where they trained); the others are added to it."""
 
     def run_batch(cfgs):
-        if records is None:
-            return run_many(cfgs, jobs=jobs, desc="tuning")
         return recorded_batch(records, cfgs, lambda todo: run_many(todo, jobs=jobs, desc="tuning"))
 
     stopped, done = {}, {}
