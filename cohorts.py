@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -40,14 +41,19 @@ def teacher_key(cfg: Config) -> tuple | None:
     return file_digest(cfg.teacher), cfg.teacher_amp, cached, cfg.cache_dtype if cached else None
 
 
-def plan_cohorts(configs: list[Config], workers: int = 1) -> list[list[int]]:
-    """Indices of ``configs`` grouped into cohorts, in the order of their first member.
+def plan_cohorts(
+    configs: list[Config], workers: int = 1, method_cost: Mapping[str, float] | None = None
+) -> list[list[int]]:
+    """Indices of ``configs`` grouped into cohorts: in the order of their first member with one worker,
+    the costliest first with several (the pool takes them in this order: a long one started last would
+    leave the other workers idle at the end).
 
     Runs that cannot share (a method with a runner of its own) stay alone. Runs without a teacher
     join the largest cohort of their stream. While there are fewer cohorts than ``workers``, the
     costliest is split in two of about equal work (each part runs its own teacher): fewer shared
     forwards, busier cores; then again while that shortens the last round (``makespan``, with each
-    run's ``work_left``: a finished run costs nothing, a large model more than a small one).
+    run's ``work_left``: a finished run costs nothing, a large model more than a small one, and a
+    method by its ``method_cost``).
     """
     groups: dict[tuple, list[int]] = {}
     alone: list[list[int]] = []
@@ -64,13 +70,18 @@ def plan_cohorts(configs: list[Config], workers: int = 1) -> list[list[int]]:
                 groups[max(hosts, key=lambda k: len(groups[k]))] += groups.pop((stream, teacher))
     cohorts = [sorted(m) for m in groups.values()] + alone
     online = {i for i, key in enumerate(teachers) if key is not None and not key[2]}
-    cost = work_left(configs)
+    cost = work_left(configs, method_cost)
     while len(cohorts) < workers and max(len(c) for c in cohorts) > 1:
         cohorts = _split_costliest(cohorts, cost)
-    cohorts = sorted(cohorts, key=lambda c: c[0])
+
+    def ordered(units: list[list[int]]) -> list[list[int]]:
+        by_member = sorted(units, key=lambda c: c[0])
+        return by_member if workers == 1 else sorted(by_member, key=lambda c: -sum(cost[i] for i in c))
+
+    cohorts = ordered(cohorts)
     # a last round that leaves workers idle (3 equal cohorts on 2 workers): split while that shortens it
     while workers > 1 and max(len(c) for c in cohorts) > 1:
-        finer = sorted(_split_costliest(cohorts, cost), key=lambda c: c[0])
+        finer = ordered(_split_costliest(cohorts, cost))
         if makespan(finer, online, workers, cost) >= makespan(cohorts, online, workers, cost):
             break
         cohorts = finer
@@ -97,10 +108,17 @@ def _mflops(model: str, width: float) -> float:
     return count_flops(create_model(model, num_classes=10, width=width)) / 1e6
 
 
-def work_left(configs: list[Config]) -> list[float]:
+def work_left(configs: list[Config], method_cost: Mapping[str, float] | None = None) -> list[float]:
     """Each run's training left, in member steps of the median unfinished run: its student's forward
-    MFLOPs (times its members) times the epochs it has not trained (its ``metrics.csv`` rows). A
-    finished or failed run costs 0: it is read back. Students of one size cost one step each."""
+    MFLOPs (times its members) times the epochs it has not trained (its ``metrics.csv`` rows), times
+    its method's ``method_cost`` (a step relative to CE's on the same student; 1 where not given). A
+    finished or failed run costs 0: it is read back. Students of one size cost one step each.
+
+    The FLOPs of the student alone miss what a method adds (ReviewKD's fusion, CRD's memory, KDSVD's
+    SVDs), and the FLOPs of those additions predict CPU time poorly (measured: ReviewKD on MobileNetV2
+    40x CE's FLOPs, 12x its minutes), so the cost given should be measured: ``kd_table`` passes each
+    method's minutes per run in the untuned table over CE's."""
+    method_cost = method_cost or {}
     raw = []
     for cfg in configs:
         folder = run_dir_for(cfg)
@@ -112,7 +130,7 @@ def work_left(configs: list[Config]) -> list[float]:
         end = cfg.stop_after or cfg.epochs
         failed = os.path.isfile(os.path.join(folder, FAILED_FILE))
         left = 0 if failed else max(end - done, 0)
-        raw.append(left * _mflops(cfg.model, cfg.width) * max(cfg.members, 1))
+        raw.append(left * _mflops(cfg.model, cfg.width) * max(cfg.members, 1) * method_cost.get(cfg.method, 1.0))
     unit = float(np.median([w for w in raw if w > 0])) if any(raw) else 1.0
     return [w / unit for w in raw]
 

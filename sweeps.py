@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import typing
+from collections.abc import Mapping
 from dataclasses import replace
 
 import numpy as np
@@ -94,7 +95,12 @@ def _watch_parent(parent: int) -> None:
 
 
 def run_many(
-    configs: list[Config], jobs: int | str = "auto", run=None, desc: str = "runs", cohorts: bool = True
+    configs: list[Config],
+    jobs: int | str = "auto",
+    run=None,
+    desc: str = "runs",
+    cohorts: bool = True,
+    method_cost: Mapping[str, float] | None = None,
 ) -> list[dict]:
     """Run every config (each an ordinary run folder: finished ones are reused, unfinished resumed).
 
@@ -104,7 +110,8 @@ def run_many(
     ``run``), the runs that share a data stream and a teacher train together
     (``cohorts.plan_cohorts``): the same results, the teacher's work done once. Returns, in the
     order of ``configs``, ``{"run_dir", "history"}`` or ``{"error"}`` for a run that failed; the
-    others still finish. ``run`` (default ``distill``) must be importable by name.
+    others still finish. ``run`` (default ``distill``) must be importable by name. ``method_cost``: each
+    method's step relative to CE's, measured, to balance the workers (``cohorts.work_left``).
 
     With ``distill``, each teacher is checked here, once, before any worker starts (the workers
     read the stored check). A worker process that dies (killed, out of memory) breaks its pool:
@@ -124,7 +131,8 @@ def run_many(
         teacher_checks(configs)  # once here, not once in every worker
     from tqdm.auto import tqdm
 
-    units = plan_cohorts(configs, jobs) if cohorts and run is distill else [[i] for i in range(len(configs))]
+    alone = [[i] for i in range(len(configs))]
+    units = plan_cohorts(configs, jobs, method_cost) if cohorts and run is distill else alone
     out: list[dict] = [{} for _ in configs]
     bar = tqdm(total=len(configs), desc=desc, unit="run", disable=not progress_enabled())
     if jobs == 1 or len(units) <= 1:

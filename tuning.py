@@ -18,6 +18,7 @@ a machine without its run folders; the confirmation runs, which report test accu
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import pandas as pd
@@ -88,15 +89,23 @@ def _config(base: Config, t: Tuning, value: float, seed: int) -> Config:
 
 
 def _run(
-    batch: list[tuple[Tuning, float, int, Config]], jobs, prune: Prune | None = None, records: RunRecords | None = None
+    batch: list[tuple[Tuning, float, int, Config]],
+    jobs,
+    prune: Prune | None = None,
+    records: RunRecords | None = None,
+    method_cost: Mapping[str, float] | None = None,
 ) -> None:
     """Train a batch of (tuning, value, seed, config) in one ``run_many`` call per rung (``prune``: cells
     far behind their own method's best stop there, ``pruning.py``) and one to the end; a row per run
     into its tuning, a stopped run's with the epoch in ``pruned_at``. Runs that ``records`` holds are
-    read from it (their row's ``recorded`` says where they trained); the others are added to it."""
+    read from it (their row's ``recorded`` says where they trained); the others are added to it.
+    ``method_cost``: each method's measured step relative to CE's, to share the work between workers."""
+
+    def train(todo):
+        return run_many(todo, jobs=jobs, desc="tuning", method_cost=method_cost)
 
     def run_batch(cfgs):
-        return recorded_batch(records, cfgs, lambda todo: run_many(todo, jobs=jobs, desc="tuning"))
+        return recorded_batch(records, cfgs, train)
 
     stopped, done = {}, {}
     if prune is not None:
@@ -121,10 +130,12 @@ def tune(
     jobs: int | str = "auto",
     prune: Prune | None = None,
     record: str | None = None,
+    method_cost: Mapping[str, float] | None = None,
 ) -> dict[str, Tuning]:
     """Every method of ``bases`` (name -> its base config) tuned on validation; see the module docstring.
     ``prune``: each batch stops, at its rungs, the cells far behind their method's best (never the best).
-    ``record``: a CSV of the grid's runs, read back and added to after each batch (``run_records.py``)."""
+    ``record``: a CSV of the grid's runs, read back and added to after each batch (``run_records.py``).
+    ``method_cost``: each method's step relative to CE's (``cohorts.work_left``): how batches are shared."""
     records = RunRecords(record) if record else None
     tunings = {}
     for name, base in bases.items():
@@ -132,7 +143,7 @@ def tune(
         recipe = recipe_value(base, key)
         tunings[name] = Tuning(base.method, key, recipe, [recipe * f for f in FACTORS])
     first = [(t, v, s, _config(bases[n], t, v, s)) for n, t in tunings.items() for v in t.values for s in seeds]
-    _run(first, jobs, prune, records)
+    _run(first, jobs, prune, records, method_cost)
     for _ in range(MAX_EXTENSIONS + 1):
         batch = []
         for name, t in tunings.items():
@@ -145,11 +156,17 @@ def tune(
                 batch += [(t, nxt, s, _config(bases[name], t, nxt, s)) for s in seeds]
         if not batch:
             break
-        _run(batch, jobs, prune, records)
+        _run(batch, jobs, prune, records, method_cost)
     return tunings
 
 
-def confirm(bases: dict[str, Config], tunings: dict[str, Tuning], seeds=range(5), jobs="auto") -> pd.DataFrame:
+def confirm(
+    bases: dict[str, Config],
+    tunings: dict[str, Tuning],
+    seeds=range(5),
+    jobs="auto",
+    method_cost: Mapping[str, float] | None = None,
+) -> pd.DataFrame:
     """Each picked setting (and every base without a tuning, e.g. CE) at ``seeds``; one row per run."""
     batch = []
     for name, base in bases.items():
@@ -159,6 +176,6 @@ def confirm(bases: dict[str, Config], tunings: dict[str, Tuning], seeds=range(5)
         if t.pick is not None:  # None: every cell failed, nothing to confirm
             batch += [(t, t.pick, s, _config(base, t, t.pick, s)) for s in seeds]
     kept = {id(t): len(t.rows) for t in tunings.values()}
-    _run(batch, jobs)
+    _run(batch, jobs, method_cost=method_cost)
     rows = [r for t in tunings.values() for r in t.rows[kept[id(t)] :]]
     return pd.DataFrame(rows)

@@ -527,6 +527,18 @@ def write_versus_published(by_pair: dict[str, pd.DataFrame], prefix: str, tuned:
 # ----------------------------------------------------------------------------- --tune: picked on validation
 
 
+def method_costs(pair: str, path: str) -> dict[str, float]:
+    """Each method's minutes per run on ``pair`` over CE's, from the untuned table at ``path`` (the median
+    of its runs): how ``cohorts`` shares a batch between workers. Empty where the table lacks the pair."""
+    if not os.path.isfile(path):
+        return {}
+    df = read_rows(path)
+    minutes = df[df["pair"] == pair].groupby("method")["minutes_alone"].median().dropna()
+    if "ce" not in minutes or not minutes["ce"] > 0:
+        return {}
+    return (minutes / minutes["ce"]).round(2).to_dict()
+
+
 def tuned_runs(args) -> pd.DataFrame:
     """Every method but CE tuned on validation (``tuning.tune``: its strength x 1/3, 1, 3 at 3 seeds, edges
     extended; the grid's runs read from and added to ``args.record``), then each pick, CE and KD's pick at
@@ -534,9 +546,10 @@ def tuned_runs(args) -> pd.DataFrame:
     bases = configs(args)
     tunable = {m: c for m, c in bases.items() if m != "ce"}
     prune = None if args.no_prune else Prune()
-    tunings = tune(tunable, seeds=range(args.seeds), jobs=args.jobs, prune=prune, record=args.record)
+    cost = method_costs(args.pair, os.path.join(DOCS, "methods_untuned.csv"))
+    tunings = tune(tunable, range(args.seeds), args.jobs, prune, args.record, method_cost=cost)
     grid = pd.DataFrame([r for t in tunings.values() for r in t.rows]).assign(stage="grid")
-    confirmed = confirm(bases, tunings, seeds=range(args.confirm_seeds), jobs=args.jobs).assign(stage="confirm")
+    confirmed = confirm(bases, tunings, range(args.confirm_seeds), args.jobs, method_cost=cost).assign(stage="confirm")
     df = pd.concat([grid, confirmed], ignore_index=True)
     picks = {t.method: t.pick for t in tunings.values()}
     edges = {t.method: t.edge() is not None for t in tunings.values()}

@@ -129,6 +129,19 @@ def test_kd_table_tuned_summary_by_hand():
     assert t.loc["ce", "param"] == "–" and pd.isna(t.loc["ce", "pick"]) and not t.loc["ce", "edge"]
 
 
+def test_kd_table_method_costs_are_minutes_per_run_over_ce_s_on_the_pair(tmp_path):
+    import pandas as pd
+
+    rows = [("vgg13-vgg8", "ce", 2.0), ("vgg13-vgg8", "ce", 4.0), ("vgg13-vgg8", "reviewkd", 27.0)]
+    rows += [("vgg13-mv2", "ce", 5.0), ("vgg13-mv2", "kd", 4.0), ("vgg16-vgg11", "kd", 3.0)]
+    path = str(tmp_path / "untuned.csv")
+    pd.DataFrame(rows, columns=["pair", "method", "minutes_alone"]).to_csv(path, index=False)
+    costs = _kd_table().method_costs
+    assert costs("vgg13-vgg8", path) == {"ce": 1.0, "reviewkd": 9.0}  # over CE's median, 3 min
+    assert costs("vgg13-mv2", path) == {"ce": 1.0, "kd": 0.8}
+    assert costs("vgg16-vgg11", path) == {} and costs("vgg13-vgg8", str(tmp_path / "none.csv")) == {}  # no CE: FLOPs
+
+
 def test_kd_table_tunes_a_pair_in_groups_of_methods(tmp_path, monkeypatch):
     """A group's rows replace only its own methods' rows on the pair (all of them: a cell its new grid no
     longer has goes); the pair's other groups and the other pairs keep theirs."""

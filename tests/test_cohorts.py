@@ -311,3 +311,25 @@ def test_plan_weighs_runs_by_the_training_they_have_left(smoke_cfg):
     plan = plan_cohorts(cfgs, workers=2)
     assert len([c for c in plan if set(c) <= {0, 1, 2}]) >= 2  # seed 0's sizes trained side by side
     assert makespan(plan, set(), 2, cost) < makespan([[0, 1, 2], [3, 4]], set(), 2, cost)
+
+
+def test_plan_weighs_methods_by_their_measured_cost_and_starts_the_costliest(smoke_cfg):
+    # three seeds, each one run of a method measured at 12 CE steps and five at one: by FLOPs all
+    # eighteen look alike, and halving a seed's cohort by count leaves the costly run's half far longer
+    from cohorts import makespan, plan_cohorts, work_left
+
+    base = smoke_cfg(teacher="runs/t", epochs=2)
+    cfgs = []
+    for s in range(3):
+        cfgs.append(replace(base, method="at", seed=s, data_seed=s))
+        cfgs += [replace(base, method="kd", T=1.0 + t, seed=s, data_seed=s) for t in range(5)]
+    measured = {"at": 12.0, "kd": 1.0}
+    cost = work_left(cfgs, measured)
+    assert cost[0] == 12 * cost[1] and work_left(cfgs) == [1.0] * 18
+    online = set(range(18))  # every run reads its teacher online
+    seen, blind = plan_cohorts(cfgs, 2, measured), plan_cohorts(cfgs, 2)
+    assert sorted(i for c in seen for i in c) == list(range(18))
+    assert makespan(seen, online, 2, cost) < makespan(blind, online, 2, cost)
+    totals = [sum(cost[i] for i in c) for c in seen]
+    assert totals == sorted(totals, reverse=True)  # the pool takes the costliest first
+    assert plan_cohorts(cfgs, 1, measured) == sorted(plan_cohorts(cfgs, 1, measured))  # one worker: member order

@@ -27,10 +27,12 @@ class FakeRuns:
 
     def __init__(self):
         self.configs = []
+        self.costs = []  # the method_cost each call passed on
         self.score = lambda method, value, seed: 70.0
 
-    def run_many(self, configs, jobs="auto", desc=""):
+    def run_many(self, configs, jobs="auto", desc="", method_cost=None):
         self.configs.extend(configs)
+        self.costs.append(method_cost)
         return [{"run_dir": f"runs/{c.method}-{i}", "history": c} for i, c in enumerate(configs)]
 
     def metrics(self, cfg):
@@ -54,7 +56,8 @@ def test_an_edge_pick_is_extended_until_inside_or_twice(fake_runs):
     best = {"at": 1e9, "dkd": 2.0}
     fake_runs.score = lambda method, value, seed: 70 - abs(value - best[method]) / best[method] + 0.01 * seed
     bases = {m: make_config("smoke", method=m, epochs=30) for m in ("at", "dkd")}
-    t = tuning.tune(bases, seeds=range(3), jobs=1)
+    t = tuning.tune(bases, seeds=range(3), jobs=1, method_cost={"at": 2.0})
+    assert fake_runs.costs == [{"at": 2.0}] * 3  # the grid and its two extensions: workers shared by measured cost
     assert t["at"].values == pytest.approx([1000 / 3, 1000, 3000, 9000, 27000]) and t["at"].extensions == 2
     assert t["at"].pick == pytest.approx(27000) and t["at"].edge() is not None  # still on the edge: it says so
     assert t["dkd"].values == pytest.approx([2, 6, 18, 2 / 3]) and t["dkd"].pick == pytest.approx(2)
@@ -75,7 +78,8 @@ def test_a_cell_with_a_failed_run_is_never_picked():
 def test_confirm_runs_each_pick_and_the_untuned_baselines_at_every_seed(fake_runs):
     bases = {"ce": make_config("smoke", method="ce"), "at": make_config("smoke", method="at")}
     picked = {"at": tuning.Tuning("at", "feat_weight", 1000.0, [1000.0], pick=3000.0)}
-    df = tuning.confirm(bases, picked, seeds=range(5), jobs=1)
+    df = tuning.confirm(bases, picked, seeds=range(5), jobs=1, method_cost={"at": 2.0})
+    assert fake_runs.costs == [{"at": 2.0}]
     assert sorted(df.groupby("method")["seed"].apply(list).items()) == [("at", list(range(5))), ("ce", list(range(5)))]
     assert all(c.params.get("feat_weight") == 3000.0 for c in fake_runs.configs if c.method == "at")
 
@@ -83,7 +87,7 @@ def test_confirm_runs_each_pick_and_the_untuned_baselines_at_every_seed(fake_run
 class FakeEpochRuns(FakeRuns):
     """As FakeRuns, but each run has per-epoch rows up to its ``stop_after`` (a rung) or its end."""
 
-    def run_many(self, configs, jobs="auto", desc=""):
+    def run_many(self, configs, jobs="auto", desc="", method_cost=None):
         self.configs.extend(configs)
         out = []
         for i, c in enumerate(configs):
