@@ -399,14 +399,24 @@ def tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return {p: table(df[df["pair"] == p]) for p in pairs("cpu") if p in present}
 
 
-def write(df: pd.DataFrame, prefix: str) -> None:
+def pair_title(name: str, quick: bool = False) -> str:
+    """A pair's heading: its networks at the `cpu` widths, or (``--quick``) at the smoke profile's."""
+    pair = get_pair("cpu", name)
+    (tm, tw), (sm, sw) = pair.teacher, pair.student
+    if quick:
+        return f"{name}: {tm} teacher, {sm} student at the smoke profile's widths"
+    return f"{name}: {tm} x{tw:g} teacher, {sm} x{sw:g} student"
+
+
+def write(df: pd.DataFrame, prefix: str, quick: bool = False) -> None:
     df = with_pair(df)
     df.to_csv(f"{prefix}.csv", index=False)
     by_pair = tables(df)
     commits = ", ".join(sorted(set(df["commit"])))
     where = ", ".join(sorted(set(df["processor"]))) if "processor" in df else "an unrecorded processor"
     lines = [
-        "Untuned: every method at its released recipe, validation top-1 of the last epoch (cpu profile, "
+        "Untuned: every method at its released recipe, validation top-1 of the last epoch "
+        f"({'smoke profile on generated data' if quick else 'cpu profile'}, "
         f"3 seeds, {_teachers_said(df)}), from `python benchmarks/kd_table.py [--pair NAME]` at {commits}. "
         "Differences are paired by seed (with several teachers, students nested in teachers: the mean of the "
         "teachers' paired differences, its CI over teachers); a CI that spans 0 is within noise. Logit methods "
@@ -414,10 +424,8 @@ def write(df: pd.DataFrame, prefix: str) -> None:
         f"`minutes`: one run, had it run alone (CPU time). Processor: {where}.",
     ]
     for name, t in by_pair.items():
-        pair = get_pair("cpu", name)
-        (tm, tw), (sm, sw) = pair.teacher, pair.student
         shown = t.drop(columns=[c for c in VERDICTS if c in t]).round(2)
-        lines += ["", f"### {name}: {tm} x{tw:g} teacher, {sm} x{sw:g} student", "", markdown(shown)]
+        lines += ["", f"### {pair_title(name, quick)}", "", markdown(shown)]
         lines += ["", cost_line(df[df["pair"] == name])]
         for method, why in refused(df[df["pair"] == name]).items():
             lines += ["", f"`{method}` could not run on this pair: {why}"]
@@ -608,7 +616,7 @@ def tuned_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return {p: tuned_table(df[df["pair"] == p]) for p in pairs("cpu") if p in set(df["pair"])}
 
 
-def write_tuned(df: pd.DataFrame, prefix: str) -> None:
+def write_tuned(df: pd.DataFrame, prefix: str, quick: bool = False) -> None:
     df = with_pair(df)
     df.to_csv(f"{prefix}.csv", index=False)
     commits = ", ".join(sorted(set(df["commit"])))
@@ -634,8 +642,7 @@ def write_tuned(df: pd.DataFrame, prefix: str) -> None:
     lines = [header]
     by_pair = tuned_tables(df)
     for name, t in by_pair.items():
-        (tm, tw), (sm, sw) = get_pair("cpu", name).teacher, get_pair("cpu", name).student
-        lines += ["", f"### {name}: {tm} x{tw:g} teacher, {sm} x{sw:g} student", ""]
+        lines += ["", f"### {pair_title(name, quick)}", ""]
         lines.append(markdown(t.drop(columns=[c for c in VERDICTS if c in t]).round(2)))
         runs = df[df["pair"] == name].drop_duplicates(["method", "value", "seed"])  # a pick's grid runs count once
         lines += ["", cost_line(runs) + " The recipe's cells are the untuned table's runs, counted here too."]
@@ -722,7 +729,7 @@ def main(argv=None) -> pd.DataFrame:
             if args.compare_published:
                 write_versus_published(tuned_tables(df), path, tuned=True)
             else:
-                write_tuned(df, path)
+                write_tuned(df, path, args.quick)
             return df
         keys = ["pair", "method", "value", "seed", "stage"]
         # the methods tuned now replace all their rows on this pair (a new grid may drop a cell); the pair's
@@ -730,7 +737,7 @@ def main(argv=None) -> pd.DataFrame:
         tuned = set(args.methods or methods())
         keep = lambda old: (old["pair"] != args.pair) | ~old["method"].isin(tuned)  # noqa: E731
         df = merged(f"{path}.csv", tuned_runs(args), keys, keep_other=keep)
-        write_tuned(df, path)
+        write_tuned(df, path, args.quick)
         return df
     if args.cost:
         costs = step_costs(args)
@@ -767,7 +774,7 @@ def main(argv=None) -> pd.DataFrame:
                 print(f"read from {args.prefix}.csv, not trained again: {', '.join(sorted(m for m, _ in recorded))}")
         keys, results = ["pair", "method", "seed", "teacher"], ["val_top1", "test_top1"]
         df = merged(f"{args.prefix}.csv", run(args, recorded), keys, keep_other=keep, read_back=results)
-    write(df, args.prefix)
+    write(df, args.prefix, args.quick)
     return df
 
 

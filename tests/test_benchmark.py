@@ -238,6 +238,9 @@ def test_kd_table_adds_methods_to_a_pair_only_where_kd_reproduces_its_row(tmp_pa
     kd_table.main([*common, "--methods", "ce", "--seeds", "1"])
     df = pd.read_csv(f"{prefix}.csv")
     assert sorted(df["method"]) == ["ce", "kd"]
+    report = open(f"{prefix}.md").read()  # the networks it trained, not the cpu pair's widths
+    assert "### vgg13-vgg8: vgg13 teacher, vgg8 student at the smoke profile's widths" in report
+    assert "smoke profile on generated data" in report and "x0.125" not in report
     shutil.rmtree(runs)
     kd_table.main([*common, "--methods", "ce", "kd", "--seeds", "1"])  # both recorded: read from the CSV
     assert not [d for d in os.listdir(runs) if d.startswith("vgg8-") and "-ce-" in d]
