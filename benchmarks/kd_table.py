@@ -625,7 +625,8 @@ def write_tuned(df: pd.DataFrame, prefix: str, quick: bool = False) -> None:
     factors = ", ".join(f"{f:.3g}" for f in FACTORS)
     header = (
         f"Tuned on validation: each method's strength (`param`) at its recipe x {factors}, {per_cell} seeds a "
-        f"cell; a pick on the edge extended by x3 (at most {MAX_EXTENSIONS} times; `edge`: still on it); the "
+        "cell, its other parameters at the recipe (LS-KD's and MLKD's CE weight of 0.1 included); a pick on "
+        f"the edge extended by x3 or x1/3 (at most {MAX_EXTENSIONS} times; `edge`: still on it); the "
         f"pick, CE and KD's pick then at {per_pick} seeds, whose last-epoch test top-1 is reported with paired "
         "differences (95% CI; a CI that spans 0 is within noise). `runs`: the method's tuning budget; "
         "`minutes`: their training time had each run alone. "
