@@ -142,6 +142,12 @@ def test_kd_table_method_costs_are_minutes_per_run_over_ce_s_on_the_pair(tmp_pat
     assert costs("vgg16-vgg11", path) == {} and costs("vgg13-vgg8", str(tmp_path / "none.csv")) == {}  # no CE: FLOPs
 
 
+def test_kd_table_says_under_its_tables_which_methods_run_part_of_their_release():
+    notes = _kd_table().partial_notes(["kd", "mlkd", "dkd"])
+    assert len(notes) == 1 and notes[0].startswith("`mlkd`: the release's weak-view part only")
+    assert _kd_table().partial_notes(["kd"]) == []
+
+
 def test_kd_table_tunes_a_pair_in_groups_of_methods(tmp_path, monkeypatch):
     """A group's rows replace only its own methods' rows on the pair (all of them: a cell its new grid no
     longer has goes); the pair's other groups and the other pairs keep theirs."""
