@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+import methods_table
 from conftest import HANG_SECONDS, ROOT
 
 
@@ -57,17 +58,17 @@ def test_kd_table_rebuilds_one_table_per_pair_from_its_csv(tmp_path):
     kd_table.main(["--table-only", "--prefix", prefix])
     written = pd.read_csv(f"{prefix}.csv")
     assert sorted(set(written["pair"])) == ["vgg13-mv2", "vgg13-vgg8"] and len(written) == 12
-    tables = kd_table.tables(written)
+    tables = methods_table.tables(written)
     assert list(tables) == ["vgg13-vgg8", "vgg13-mv2"]  # pairs.py's order
     assert tables["vgg13-vgg8"].loc["kd", "vs ce"] == 2.0 and tables["vgg13-vgg8"].loc["kd", "runs"] == 3
     assert tables["vgg13-mv2"].loc["kd", "vs ce"] == pytest.approx(2.1)
-    verdicts = kd_table.across_pairs(tables, "vs ce verdict")
+    verdicts = methods_table.across_pairs(tables, "vs ce verdict")
     assert verdicts.loc["kd"].tolist() == ["within noise", "higher", "flips"]
     # a method one pair has not run yet shows no agreement: it ran on one pair only
     one = {"vgg13-vgg8": tables["vgg13-vgg8"], "vgg13-mv2": tables["vgg13-mv2"].drop(index="kd")}
-    assert kd_table.across_pairs(one, "vs ce verdict").loc["kd", "holds"] == "one pair"
+    assert methods_table.across_pairs(one, "vs ce verdict").loc["kd", "holds"] == "one pair"
     assert verdicts.loc["ce", "holds"] == "–"  # the reference is not a verdict
-    holds = [kd_table._holds(pd.Series(v)) for v in (["higher", "lower"], ["lower", "within noise", "lower"])]
+    holds = [methods_table._holds(pd.Series(v)) for v in (["higher", "lower"], ["lower", "within noise", "lower"])]
     assert holds == ["reverses", "flips"]
     md = open(f"{prefix}.md").read()
     assert "### Verdicts across pairs" in md and "| flips |" in md
@@ -76,7 +77,7 @@ def test_kd_table_rebuilds_one_table_per_pair_from_its_csv(tmp_path):
     assert "### vgg13-vgg8: vgg13 x0.25 teacher, vgg8 x0.125 student" in md and "### vgg13-mv2" in md
     assert (tmp_path / "untuned.png").stat().st_size > 0
     # beside the published numbers: CE's paired difference to KD (-1, -2, -3: CI -2 ± 2.48) spans 0
-    versus = kd_table.versus_published(tables)["vgg13-vgg8"]
+    versus = methods_table.versus_published(tables)["vgg13-vgg8"]
     assert versus.loc["ce", "published"] == 70.36 and versus.loc["ce", "published vs kd"] == pytest.approx(-2.62)
     assert versus.loc["ce", "direction"] == "within noise" and versus.loc["kd", "direction"] == "reference"
     kd_table.main(["--compare-published", "--prefix", prefix])
@@ -94,12 +95,12 @@ def test_kd_table_nests_students_in_teachers_when_a_pair_has_two(tmp_path):
         rows += [dict(method="ce", seed=s, teacher=teacher, val_top1=60.0 + s) for s in range(3)]
         rows += [dict(method="kd", seed=s, teacher=teacher, val_top1=60.0 + s + gain) for s in range(3)]
     df = pd.DataFrame(rows).assign(pair="vgg16-vgg11", test_top1=50.0, minutes_alone=1.0, commit="c", processor="p")
-    t = _kd_table().table(df)
+    t = methods_table.table(df)
     assert t.loc["kd", "vs ce"] == pytest.approx(1.5) and t.loc["kd", "runs"] == 6
     assert t.loc["kd", "vs ce 95% CI"] == "-4.85 to +7.85" and t.loc["kd", "vs ce verdict"] == "within noise"
     assert bool(t.loc["kd", "vs ce: every teacher agrees"])
     prefix = str(tmp_path / "untuned")
-    _kd_table().write(df, prefix)
+    methods_table.write(df, prefix)
     assert "teachers per pair: vgg16-vgg11 2" in open(f"{prefix}.md").read()
 
 
@@ -117,7 +118,7 @@ def test_kd_table_tuned_summary_by_hand():
     df["val_top1"], df["minutes_alone"] = df["test_top1"], 1.0
     df["picked"] = (df["method"] == "at") & (df["value"] == 3.0)
     df["pick_on_edge"] = df["method"] == "at"
-    t = _kd_table().tuned_table(df)
+    t = methods_table.tuned_table(df)
     assert t.loc["at", "pick"] == 3.0 and t.loc["at", "cells"] == 2 and t.loc["at", "runs"] == 5
     assert t.loc["at", "minutes"] == 5.0 and bool(t.loc["at", "edge"])
     assert t.loc["at", "val_top1"] == 53.0 and t.loc["at", "test_top1"] == 63.0
@@ -125,7 +126,7 @@ def test_kd_table_tuned_summary_by_hand():
     assert t.loc["at", "vs ce verdict"] == "within noise"  # +1, +2, +3: t(2) 4.30 x 1/sqrt(3) = 2.48 > 2
     df = df.astype({"pick_on_edge": object})
     df.loc[df["method"] == "ce", ["param", "pick_on_edge"]] = float("nan")  # CE's empty cells, read from a CSV
-    t = _kd_table().tuned_table(df)
+    t = methods_table.tuned_table(df)
     assert t.loc["ce", "param"] == "–" and pd.isna(t.loc["ce", "pick"]) and not t.loc["ce", "edge"]
 
 
@@ -143,9 +144,9 @@ def test_kd_table_method_costs_are_minutes_per_run_over_ce_s_on_the_pair(tmp_pat
 
 
 def test_kd_table_says_under_its_tables_which_methods_run_part_of_their_release():
-    notes = _kd_table().partial_notes(["kd", "mlkd", "dkd"])
+    notes = methods_table.partial_notes(["kd", "mlkd", "dkd"])
     assert len(notes) == 1 and notes[0].startswith("`mlkd`: the release's weak-view part only")
-    assert _kd_table().partial_notes(["kd"]) == []
+    assert methods_table.partial_notes(["kd"]) == []
 
 
 def test_kd_table_tunes_a_pair_in_groups_of_methods(tmp_path, monkeypatch):
@@ -212,7 +213,7 @@ def test_kd_table_rows_read_back_keep_the_commit_that_trained_them(tmp_path):
     again = [dict(row, method="at", commit="1234567", processor="new cpu")]  # read back: the same results
     again += [dict(row, method="nst", val_top1=2.0, commit="1234567", processor="new cpu")]  # trained again
     kd_table.merged(path, pd.DataFrame(again), keys, read_back=results)
-    df = kd_table.read_rows(path).set_index("method")
+    df = methods_table.read_rows(path).set_index("method")
     assert (df.loc["at", "commit"], df.loc["at", "processor"]) == ("33e2181", "old cpu")
     assert (df.loc["nst", "commit"], df.loc["nst", "processor"]) == ("1234567", "new cpu")
 
