@@ -82,8 +82,9 @@ class Tuning:
         return None
 
 
-def _config(base: Config, t: Tuning, value: float, seed: int) -> Config:
-    # the recipe's own value stays unset, so that cell is the untuned run's folder
+def cell_config(base: Config, t: Tuning, value: float, seed: int) -> Config:
+    """The run of ``t``'s cell ``value`` at ``seed``: the recipe's own value stays unset, so that cell is
+    the untuned run's folder."""
     extra = {} if not t.key or value == t.recipe else {t.key: value}
     return replace(base, seed=seed, data_seed=seed, **extra)
 
@@ -142,7 +143,7 @@ def tune(
         key = strength(base)
         recipe = recipe_value(base, key)
         tunings[name] = Tuning(base.method, key, recipe, [recipe * f for f in FACTORS])
-    first = [(t, v, s, _config(bases[n], t, v, s)) for n, t in tunings.items() for v in t.values for s in seeds]
+    first = [(t, v, s, cell_config(bases[n], t, v, s)) for n, t in tunings.items() for v in t.values for s in seeds]
     _run(first, jobs, prune, records, method_cost)
     for _ in range(MAX_EXTENSIONS + 1):
         batch = []
@@ -153,7 +154,7 @@ def tune(
             if nxt is not None and t.extensions < MAX_EXTENSIONS:
                 t.values.append(nxt)
                 t.extensions += 1
-                batch += [(t, nxt, s, _config(bases[name], t, nxt, s)) for s in seeds]
+                batch += [(t, nxt, s, cell_config(bases[name], t, nxt, s)) for s in seeds]
         if not batch:
             break
         _run(batch, jobs, prune, records, method_cost)
@@ -174,7 +175,7 @@ def confirm(
             tunings[name] = Tuning(base.method, "", 0.0, [0.0], pick=0.0)
         t = tunings[name]
         if t.pick is not None:  # None: every cell failed, nothing to confirm
-            batch += [(t, t.pick, s, _config(base, t, t.pick, s)) for s in seeds]
+            batch += [(t, t.pick, s, cell_config(base, t, t.pick, s)) for s in seeds]
     kept = {id(t): len(t.rows) for t in tunings.values()}
     _run(batch, jobs, method_cost=method_cost)
     rows = [r for t in tunings.values() for r in t.rows[kept[id(t)] :]]
