@@ -25,6 +25,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from randaugment import apply_strong, random_strong_params
+
 # Per-channel statistics of the training splits (official binary releases).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -443,6 +445,8 @@ def apply_views(images: torch.Tensor, views: torch.Tensor, pad: int) -> torch.Te
 # ----------------------------------------------------------------------------- loader
 
 AUG_KEYS = {"crop_pad": int, "flip": bool}
+# the second view's generator is seeded apart from the first's: (seed, epoch) never gives both the same seed
+STRONG_SEED_OFFSET = 1 << 48
 
 
 def _check_aug(aug: dict | None) -> dict:
@@ -497,7 +501,10 @@ class CifarLoader:
     call ``set_epoch`` (the training loop does) to move to the next epoch's stream.
     ``num_shards``/``shard`` split every epoch's order across distributed ranks. With
     ``with_index`` every batch is ``(x, y, {"index": i})``, ``i`` the images' positions in this
-    loader's split (what a per-sample memory bank is indexed by).
+    loader's split (what a per-sample memory bank is indexed by). With ``strong_view`` every batch
+    also carries ``{"strong": x2}``, a second view of the same images: its own crop and flip, then
+    RandAugment and Cutout (``randaugment.py``), drawn from a generator of its own, so the first
+    view's stream is the same with or without it.
     """
 
     def __init__(
@@ -538,6 +545,7 @@ class CifarLoader:
         self.mean, self.std = tuple(mean), tuple(std)
         self.num_shards, self.shard = num_shards, shard
         self.with_index = with_index
+        self.strong_view = False  # set by the loop for a method that trains on a second view
         self.epoch = 0
         c = images.shape[1]
         # fold /255 and the normalisation into one multiply-add per pixel
@@ -570,24 +578,43 @@ class CifarLoader:
         keep = slice(self.shard * per, (self.shard + 1) * per)
         return order[keep], views[keep]
 
+    def strong_plan(self, epoch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """This shard's second views for an epoch, by position in its order: ``(views (n, 3),
+        RandAugment draws (n, 7))``, from a generator apart from the first view's."""
+        epoch = self.epoch if epoch is None else epoch
+        n = len(self.images)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + STRONG_SEED_OFFSET)
+        views = random_views(n, self.aug["crop_pad"], self.aug["flip"], gen)
+        params = random_strong_params(n, gen)
+        per = self._shard_size()
+        keep = slice(self.shard * per, (self.shard + 1) * per)
+        return views[keep], params[keep]
+
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float() * self._scale + self._shift  # (B, C, H, W) float32
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def batches(self, epoch: int | None = None, drop_last: bool | None = None):
-        """The batches of an epoch (default: the current one), in the epoch plan's order."""
+    def batches(self, epoch: int | None = None, drop_last: bool | None = None, extras: bool = True):
+        """The batches of an epoch (default: the current one), in the epoch plan's order; with
+        ``extras`` False, ``(x, y)`` alone (what a teacher needs to run over the stream)."""
         order, views = self.epoch_plan(epoch)
         order = order.to(self.device)  # one host-to-device copy per epoch, none per batch
         views = None if views is None else views.to(self.device)
+        strong = self.strong_plan(epoch) if extras and self.strong_view and self.train else None
         drop_last = self.drop_last if drop_last is None else drop_last
         bs = self.batch_size
         for i in range(self._num_batches(len(order), drop_last)):
             idx = order[i * bs : (i + 1) * bs]
+            rows = slice(i * bs, (i + 1) * bs)
             x = self.images[idx]  # (B, C, H, W) uint8
             if views is not None:
-                x = apply_views(x, views[i * bs : (i + 1) * bs], self.aug["crop_pad"])
+                x = apply_views(x, views[rows], self.aug["crop_pad"])
+            named = {"index": idx} if extras and self.with_index else {}
+            if strong is not None:
+                x2 = apply_views(self.images[idx], strong[0][rows].to(self.device), self.aug["crop_pad"])
+                named["strong"] = self.normalise(apply_strong(x2, strong[1][rows]))  # (B, C, H, W)
             batch = (self.normalise(x), self.labels[idx])
-            yield (*batch, {"index": idx}) if self.with_index else batch
+            yield (*batch, named) if named else batch
 
     def __iter__(self):
         return self.batches()

@@ -24,7 +24,7 @@ from checkpoints import load_checkpoint, state_digest
 from config import Config, check_config
 from distributed import distributed, is_main_process
 from evaluation import evaluate
-from registry import METHODS, loss_methods, resolve_recipe
+from registry import METHODS, loss_methods, resolve_recipe, wants_second_view
 from run_folders import run_dir_for, run_identity, same_run
 from runs import RunResult, build_student, make_loaders, train, train_together
 from teacher_cache import use_teacher_cache
@@ -80,7 +80,10 @@ class Distiller(nn.Module):
     Trainable modules of the loss (adapters, regressors) are submodules here, so they reach
     the optimizer and checkpoints with the student; the teacher reaches neither. With
     ``needs_features`` both networks return their features for the loss (``s_feats``, ``t_feats``);
-    with ``needs_index`` the loop must hand each batch's sample indices.
+    with ``needs_index`` the loop must hand each batch's sample indices. With ``second_view`` both
+    networks also run on the batch extra ``strong`` (a second view of the same images; the teacher
+    online even where its logits of the first view are cached) and the loss gets their logits as
+    ``strong_s`` and ``strong_t``; without it the extra is dropped.
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class Distiller(nn.Module):
         teacher_bf16: bool = False,
         needs_features: bool = False,
         needs_index: bool = False,
+        second_view: bool = False,
     ):
         super().__init__()
         self.student = student
@@ -98,6 +102,7 @@ class Distiller(nn.Module):
         self.loss = loss
         # what the method needs, as its registry entry declares it (``build_distiller`` passes them)
         self.needs_features, self.needs_index = needs_features, needs_index
+        self.second_view = second_view
 
     def set_epoch(self, epoch: int) -> None:
         """The loop's epoch (0-based), for losses that change with it (a warm-up, say)."""
@@ -108,6 +113,7 @@ class Distiller(nn.Module):
         """``teacher_logits``: the teacher's logits for exactly these views, if cached; ``teacher_out``:
         its outputs (with its features) if a cohort already ran it on this batch; other named batch
         extras (``index``...) go to the loss by keyword."""
+        strong = extras.pop("strong", None)  # (B, C, H, W) the second view, for a method that trains on it
         if self.needs_features:
             logits_s, feats_s = self.student(x, features=True)
             logits_t, feats_t = teacher_out if teacher_out is not None else self.teacher(x, features=True)
@@ -116,6 +122,10 @@ class Distiller(nn.Module):
             if teacher_logits is None:
                 teacher_logits = self.teacher(x) if teacher_out is None else _logits(teacher_out)
             logits_t, feats_t = teacher_logits, None
+        if self.second_view:
+            if strong is None:
+                raise ValueError("this method trains on a second view: set the loader's strong_view = True")
+            extras.update(strong_s=_logits(self.student(strong)), strong_t=_logits(self.teacher(strong)))
         terms = self.loss(logits_s, logits_t, y, s_feats=feats_s, t_feats=feats_t, **extras)
         return logits_s, terms
 
@@ -151,7 +161,15 @@ def build_distiller(cfg: Config, student: nn.Module, train_loader=None) -> Disti
     loss = get_method(cfg.method)(cfg, student, teacher, **context)
     method = METHODS.get(cfg.method)
     bf16 = cfg.teacher_amp == "bf16"
-    return Distiller(student, teacher, loss, bf16, needs_features=method.needs_features, needs_index=method.needs_index)
+    return Distiller(
+        student,
+        teacher,
+        loss,
+        bf16,
+        needs_features=method.needs_features,
+        needs_index=method.needs_index,
+        second_view=wants_second_view(cfg),
+    )
 
 
 def get_method(name: str):

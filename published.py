@@ -47,7 +47,7 @@ PUBLISHED: dict[str, dict[str, float]] = {
 SOURCES = {m: row[2] for m, row in _ROWS.items()}
 TEACHERS = {"vgg13-vgg8": 74.64, "vgg13-mv2": 74.64}  # RepDistiller's VGG13 teacher
 CAVEATS = {
-    "mlkd": "480 epochs with a strongly augmented second view (this project trains the weak view only)",
+    "mlkd": "480 epochs with a strongly augmented second view",
     "kd_ls": "KD + logit standardisation at the release's temperature and weights",
 }
 

@@ -189,6 +189,9 @@ class Method:
     # ``make_task(cfg, student, train_loader)`` wraps it, so its runs can join cohorts
     make_student: Callable | None = None
     make_task: Callable | None = None
+    # second_view(cfg): whether the run also trains on a second, strongly augmented view of each batch
+    # (batch extra ``strong``, see data_utils.CifarLoader); a parameter of the method may decide it
+    second_view: Callable | None = None
 
     @property
     def reads(self) -> frozenset:
@@ -227,6 +230,7 @@ def register_method(
     standalone: bool = True,
     make_student: Callable | None = None,
     make_task: Callable | None = None,
+    second_view: Callable | None = None,
     **recipe,
 ):
     """Decorator registering ``build(cfg, student, teacher, **context) -> loss`` as method ``name``
@@ -248,6 +252,7 @@ def register_method(
         entry = Method(name, source, dict(recipe), tuple(params), needs_teacher, needs_features, needs_index)
         entry = replace(entry, build=build, run=run, check=check, group=group, group_model=group_model)
         entry = replace(entry, standalone=standalone, make_student=make_student, make_task=make_task)
+        entry = replace(entry, second_view=second_view)
         METHODS.register(name)(entry)
         _check_params_agree()
         return build
@@ -277,6 +282,12 @@ def method_params() -> dict[str, Param]:
 def readers(param: str) -> list[str]:
     """The methods that read ``param``."""
     return [name for name in METHODS.names() if any(p.name == param for p in METHODS[name].params)]
+
+
+def wants_second_view(cfg) -> bool:
+    """Whether a run of ``cfg`` trains on the second, strongly augmented view too."""
+    method = METHODS.get(cfg.method)
+    return bool(method.second_view and method.second_view(resolve_recipe(cfg)))
 
 
 def loss_methods() -> list[str]:

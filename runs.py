@@ -25,7 +25,7 @@ from checkpoints import load_checkpoint, load_weights, read_checkpoint, resolve_
 from config import Config
 from distributed import barrier, distributed, is_main_process
 from model import create_model
-from registry import METHODS, resolve_recipe
+from registry import METHODS, resolve_recipe, wants_second_view
 from run_folders import FAILED_FILE, history_frame, repair_run_folder, run_dir_for, same_run
 
 
@@ -206,6 +206,7 @@ def _train(cfg, run_dir, make_task, wrap_loader, make_student) -> RunResult:
     with train_eval.thread_count(cfg.threads):
         loaders = make_loaders(cfg, prepare=False)  # draws from its own generators, not the model seed
         loaders.train.with_index = METHODS.get(cfg.method).needs_index
+        loaders.train.strong_view = wants_second_view(cfg)
         train_eval.set_seed(cfg.seed)
         student = make_student(cfg)
         task = make_task(cfg, student, loaders.train) if make_task else train_eval.Vanilla(student)
@@ -286,6 +287,7 @@ def _train_together(todo, make_task, wrap_loader, share, make_student) -> dict:
     with train_eval.thread_count(first.threads):
         loaders = make_loaders(first, prepare=False)  # draws from its own generators, not the model seeds
         loaders.train.with_index = any(METHODS.get(c.method).needs_index for c, _ in todo)
+        loaders.train.strong_view = any(wants_second_view(c) for c, _ in todo)  # the others ignore it
         members, failed = [], {}
         for cfg, run_dir in todo:
             try:

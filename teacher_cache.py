@@ -61,7 +61,7 @@ class CachedTeacherLoader:
         device = self.loader.device
         self.teacher.to(device)
         outputs = []
-        for x, *_ in self.loader.batches(epoch, drop_last=False):
+        for x, *_ in self.loader.batches(epoch, drop_last=False, extras=False):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.amp):
                 outputs.append(self.teacher(x).float().to(self.dtype).cpu())  # (B, K)
         self.computed += 1

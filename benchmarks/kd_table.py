@@ -59,7 +59,7 @@ from methods_table import (  # noqa: E402
 )
 from pairs import get_pair, pair_config, pairs  # noqa: E402
 from pruning import Prune  # noqa: E402
-from registry import METHODS, loss_methods  # noqa: E402
+from registry import METHODS, loss_methods, wants_second_view  # noqa: E402
 from run_records import code_commit  # noqa: E402
 from runs import make_loaders, run_lock, train  # noqa: E402
 from sweeps import RunsFailed, sweep  # noqa: E402
@@ -106,9 +106,10 @@ def scaled(cfg) -> dict:
 def run(args, recorded: frozenset[tuple[str, str]] = frozenset()) -> pd.DataFrame:
     """Every method's seeds under each teacher seed, but the (method, teacher) pairs in ``recorded``: the CSV
     already holds them from this processor (``recorded_here``), so they are not trained again."""
-    parts = []
+    parts, trained_on = [], {}
     for teacher_seed in args.teacher_seeds:  # students nested in teachers: every method under each
         cfgs = configs(args, teacher_seed)
+        trained_on |= views(cfgs)
         teacher = os.path.basename(next(iter(cfgs.values())).teacher)
         cfgs = {m: c for m, c in cfgs.items() if (m, teacher) not in recorded}
         cached = [m for m, c in cfgs.items() if c.teacher_cache]
@@ -121,6 +122,7 @@ def run(args, recorded: frozenset[tuple[str, str]] = frozenset()) -> pd.DataFram
         return pd.DataFrame(columns=["pair", "method", "seed", "teacher"])
     df = pd.concat(parts, ignore_index=True)
     df.insert(0, "pair", args.pair)
+    df["views"] = df["method"].map(trained_on)
     trained = [d for d in df["run_dir"] if os.path.isfile(os.path.join(d, "checkpoint.pt"))]
     df["minutes_alone"] = df["run_dir"].map(minutes_alone(trained))
     df["commit"] = code_commit()
@@ -136,10 +138,16 @@ def run(args, recorded: frozenset[tuple[str, str]] = frozenset()) -> pd.DataFram
         "minutes_alone",
         FAILED,
         "error",
+        "views",
         "commit",
         "processor",
     ]
     return df[[c for c in keep if c in df]]
+
+
+def views(cfgs: dict) -> dict[str, int]:
+    """How many views of each image each method's runs train on (2: MLKD's release adds a RandAugment one)."""
+    return {m: 2 if wants_second_view(c) else 1 for m, c in cfgs.items()}
 
 
 def configs(args, teacher_seed: int = 0) -> dict:
@@ -194,7 +202,8 @@ def merged(path: str, df: pd.DataFrame, keys: list[str], keep_other=None, read_b
             old = read_rows(path)
             df = _provenance_kept(old, df, keys, list(read_back)) if read_back else df
             old = old if keep_other is None else old[keep_other(old)]
-            df = pd.concat([old, df], ignore_index=True).drop_duplicates(keys, keep="last")
+            # nothing new (every row read back): the old rows as they were, their columns' types kept
+            df = pd.concat([old, df], ignore_index=True).drop_duplicates(keys, keep="last") if len(df) else old
         df.to_csv(path, index=False)
     return df
 
@@ -244,11 +253,14 @@ def check_reproduces(args, done: pd.DataFrame) -> bool:
 
 
 def recorded_here(done: pd.DataFrame, args) -> frozenset[tuple[str, str]]:
-    """The (method, teacher) pairs of ``args.pair`` whose every seed the CSV holds from this processor: read
-    back from it rather than trained again (a fresh machine has none of their runs)."""
+    """The (method, teacher) pairs of ``args.pair`` whose every seed the CSV holds from this processor, trained
+    as the method trains now (as many views: rows from before the column trained on one): read back from it
+    rather than trained again (a fresh machine has none of their runs)."""
     if "processor" not in done:
         return frozenset()
     rows = done[(done["pair"] == args.pair) & (done["processor"] == processor())]
+    trained_as = rows["views"].fillna(1) if "views" in rows else pd.Series(1, index=rows.index)
+    rows = rows[trained_as == rows["method"].map(views(configs(args))).fillna(1)]
     seeds = set(range(args.seeds))
     return frozenset(mt for mt, g in rows.groupby(["method", "teacher"]) if seeds <= set(g["seed"]))
 
@@ -298,9 +310,11 @@ def tuned_runs(args) -> pd.DataFrame:
     df["minutes_alone"] = alone.fillna(df["minutes_alone"]) if "minutes_alone" in df else alone
     df.insert(0, "pair", args.pair)
     df["teacher"] = os.path.basename(next(iter(bases.values())).teacher)
+    df["views"] = df["method"].map(views(bases))
     df["commit"], df["processor"] = code_commit(), processor()
     keep = ["pair", "method", "param", "value", "seed", "stage", "picked", "pick_on_edge", "pruned_at", "teacher",
-            "val_top1", "test_top1", "minutes_alone", FAILED, "error", "recorded", "commit", "processor"]  # fmt: skip
+            "val_top1", "test_top1", "minutes_alone", FAILED, "error", "recorded", "views", "commit",
+            "processor"]  # fmt: skip
     return df[[c for c in keep if c in df]]
 
 
@@ -370,7 +384,7 @@ def main(argv=None) -> pd.DataFrame:
                 raise SystemExit(f"no {path}.csv yet: run python benchmarks/kd_table.py --tune first")
             df = with_pair(read_rows(f"{path}.csv"))
             if args.compare_published:
-                write_versus_published(tuned_tables(df), path, tuned=True)
+                write_versus_published(tuned_tables(df), path, tuned=True, rows=df)
             else:
                 write_tuned(df, path, args.quick)
             return df
@@ -395,7 +409,7 @@ def main(argv=None) -> pd.DataFrame:
         if done is None:
             raise SystemExit(f"no {args.prefix}.csv yet: run python benchmarks/kd_table.py first")
     if args.compare_published:
-        write_versus_published(tables(with_pair(done)), args.prefix)
+        write_versus_published(tables(with_pair(done)), args.prefix, rows=with_pair(done))
         return done
     if args.table_only:
         df = done

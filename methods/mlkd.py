@@ -56,17 +56,27 @@ def confidence_fractions(logits_t: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 class MLKDLoss(nn.Module):
-    """Jin, Wang & Lin, CVPR 2023, "Multi-level Logit Distillation" (weak-view variant).
+    """Jin, Wang & Lin, CVPR 2023, "Multi-level Logit Distillation".
 
     Predictions are augmented with five temperatures T_j ∈ (T, 3, 5, 2, 6) and aligned at three
-    levels, each summed over the T_j:
+    levels, each summed over the T_j, on the usual crop-and-flip view w:
 
         instance  ρ_b · T_j² · KL(p_t ‖ p_s), batch mean      (``per_sample_kd``)
         batch     ρ_b · ‖P_t P_tᵀ − P_s P_sᵀ‖²_F / B           (``batch_alignment``, B×B)
         class     ρ_c · ‖P_tᵀ P_t − P_sᵀ P_s‖²_F / K           (``class_alignment``, K×K)
 
-    L = w_ce · CE + w_kd · (instance + batch + class). Returns ``{"ce", "instance", "batch", "class"}``,
-    already weighted.
+    With the release's second, strongly augmented view s of the same images (``strong_s``,
+    ``strong_t``: RandAugment and Cutout, ``randaugment.py``), CE is taken on both views and an
+    unmasked instance sum is added:
+
+        strong    Σ_{T_j ∈ (T, 3, 5)} T_j² · KL on s  +  Σ_{T_j ∈ (2, 6)} T_j² · KL on w
+
+    The release's (``KD_ours.py``) strong-view sum takes its T = 2 and 6 terms from the weak view
+    (lines copied from the weak sum); its published numbers come from that loss, so it is kept. The
+    release computes strong-view batch and class terms too but never adds them to the loss.
+
+    L = w_ce · (CE_w [+ CE_s]) + w_kd · (instance + batch + class [+ strong]). Returns ``{"ce",
+    "instance", "batch", "class"}`` (and ``"strong"`` with the second view), already weighted.
 
     ρ_b and ρ_c are the release's confidence masking (``confidence_fractions``): it masks the samples
     (classes) whose teacher confidence is above the batch median, but multiplies the mask by a loss
@@ -74,20 +84,14 @@ class MLKDLoss(nn.Module):
     reaches the gradient is the *fraction* of samples (classes) kept, ≈ ½, not a per-sample mask.
     This loss computes exactly that.
 
-    Weak view only: the release trains on two views of each image, the standard crop-and-flip
-    ("weak") and RandAugment(2, 10) ("strong", ``mdistiller/dataset/cifar100.py``), with CE on both
-    and unmasked instance terms on the strong one. The loop here hands one view, so this is the
-    weak-view part of the release's loss: CE on it, and the masked instance, batch and class terms
-    (the release logs exactly those batch and class terms; it computes strong-view ones too but
-    never adds them). Left out with the strong view: its CE, and the release's strong-view instance
-    sum, which includes two unmasked weak-view terms at T = 2 and 6 (copied from the strong-view
-    lines). ``mlkd_strong_view`` asks for the two-view loss and is refused until the data loader
-    can give a second view.
+    The recipe trains on both views, as the release; ``mlkd_strong_view=False``
+    (``--no-mlkd-strong-view``) keeps the first view's part only, which the tables ran before
+    (``benchmarks/mlkd_views.py`` compares the two).
 
     ``logit_stand`` (Sun et al. 2024, whose release ``mdistiller/distillers/MLKD.py`` has it): the
-    instance terms on z-scored logits; the batch and class terms and the confidence masks stay on
-    the raw logits, as in that release. Their runs pair it with T = 2 and w_kd 9 (6 for VGG13→VGG8,
-    log ``mlkd,vgg13,vgg8,2,6``).
+    instance terms (both views') on z-scored logits; the batch and class terms and the confidence
+    masks stay on the raw logits, as in that release. Their runs pair it with T = 2 and w_kd 9 (6 for
+    VGG13→VGG8, log ``mlkd,vgg13,vgg8,2,6``).
 
     Recipe: T = 4, w_ce = 0.1, w_kd = 0.9 (the MLKD release's ``mdistiller/engine/cfg.py``, ``CFG.KD``,
     read by ``KD_ours.py``); its VGG13→VGG8 config trains 240 epochs at LR 0.025 (480 before its
@@ -101,27 +105,30 @@ class MLKDLoss(nn.Module):
         self.T, self.ce_weight, self.kd_weight, self.logit_stand = T, ce_weight, kd_weight, logit_stand
         self.temperatures = (T, *EXTRA_TEMPERATURES)
 
-    def forward(self, logits_s, logits_t, target, **_) -> dict[str, torch.Tensor]:
+    def forward(self, logits_s, logits_t, target, strong_s=None, strong_t=None, **_) -> dict[str, torch.Tensor]:
         rho_b, rho_c = confidence_fractions(logits_t)
         zs, zt = standardized(logits_s, logits_t, self.logit_stand)
         instance = sum(per_sample_kd(zs, zt, T).mean() for T in self.temperatures)
         batch = sum(batch_alignment(logits_s, logits_t, T) for T in self.temperatures)
         cls = sum(class_alignment(logits_s, logits_t, T) for T in self.temperatures)
         w = self.kd_weight
-        return {
+        terms = {
             "ce": self.ce_weight * F.cross_entropy(logits_s, target),
             "instance": w * rho_b * instance,
             "batch": w * rho_b * batch,
             "class": w * rho_c * cls,
         }
+        if strong_s is not None:
+            terms["ce"] = terms["ce"] + self.ce_weight * F.cross_entropy(strong_s, target)
+            terms["strong"] = w * self.strong_instance(strong_s, strong_t, zs, zt)
+        return terms
 
-
-def check_mlkd(cfg) -> None:
-    if cfg.mlkd_strong_view:
-        raise ValueError(
-            "mlkd_strong_view: MLKD's second, strongly augmented view (RandAugment) is not available yet: the data "
-            "loader hands one view per image. Drop --mlkd-strong-view to train the weak-view variant"
-        )
+    def strong_instance(self, strong_s, strong_t, zs_weak, zt_weak) -> torch.Tensor:
+        """The release's strong-view instance sum (see the class doc): T, 3, 5 on the strong view,
+        2 and 6 on the weak one, none masked."""
+        ss, st = standardized(strong_s, strong_t, self.logit_stand)
+        on_strong = sum(per_sample_kd(ss, st, T).mean() for T in (self.T, *EXTRA_TEMPERATURES[:2]))
+        return on_strong + sum(per_sample_kd(zs_weak, zt_weak, T).mean() for T in EXTRA_TEMPERATURES[2:])
 
 
 PARAMS = (
@@ -132,7 +139,7 @@ PARAMS = (
     Param(
         "mlkd_strong_view",
         bool,
-        "MLKD: add the release's strongly augmented second view (not available yet: refused)",
+        "MLKD: train on the release's second view too (RandAugment and Cutout): CE and instance terms on it",
         default=False,
     ),
 )
@@ -142,12 +149,13 @@ PARAMS = (
     "mlkd",
     source="Jin et al. 2023; MLKD release (Jin-Ying/Multi-Level-Logit-Distillation) mdistiller/engine/cfg.py "
     "(CFG.KD: T 4, CE 0.1, KD 0.9) read by mdistiller/distillers/KD_ours.py (extra temperatures 3, 5, 2, 6; "
-    "median confidence masks); weak view only",
+    "median confidence masks); mdistiller/dataset/cifar100.py (the strong view, with --mlkd-strong-view)",
     params=PARAMS,
-    check=check_mlkd,
+    second_view=lambda cfg: cfg.mlkd_strong_view,
     T=4.0,
     ce_weight=0.1,
     kd_weight=0.9,
+    mlkd_strong_view=True,
 )
 def build(cfg, student: nn.Module, teacher: nn.Module, **_) -> nn.Module:
     return MLKDLoss(cfg.T, cfg.ce_weight, cfg.kd_weight, cfg.logit_stand)

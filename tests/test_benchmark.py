@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 
 import methods_table
@@ -144,9 +145,12 @@ def test_kd_table_method_costs_are_minutes_per_run_over_ce_s_on_the_pair(tmp_pat
 
 
 def test_kd_table_says_under_its_tables_which_methods_run_part_of_their_release():
-    notes = methods_table.partial_notes(["kd", "mlkd", "dkd"])
-    assert len(notes) == 1 and notes[0].startswith("`mlkd`: the release's weak-view part only")
-    assert methods_table.partial_notes(["kd"]) == []
+    rows = pd.DataFrame({"pair": ["a", "a", "a", "b"], "method": ["kd", "mlkd", "dkd", "mlkd"]})
+    notes = methods_table.partial_notes(rows)  # rows from before the views column: one view
+    assert len(notes) == 1 and notes[0].startswith("`mlkd` (a, b): these rows ran the release's first view only")
+    rows["views"] = [1, 2, 1, 1]  # pair a's MLKD trained on both views, pair b's on one
+    assert methods_table.partial_notes(rows) == [notes[0].replace("(a, b)", "(b)")]
+    assert methods_table.partial_notes(rows.iloc[:3]) == []
 
 
 def test_kd_table_tunes_a_pair_in_groups_of_methods(tmp_path, monkeypatch):
@@ -257,3 +261,49 @@ def test_kd_table_adds_methods_to_a_pair_only_where_kd_reproduces_its_row(tmp_pa
     shutil.rmtree(runs)
     with pytest.raises(SystemExit, match="does not reproduce.*--replace-pair"):
         kd_table.main([*common, "--methods", "ce", "--seeds", "1"])
+
+
+def test_kd_table_trains_again_rows_recorded_before_a_method_took_a_second_view(tmp_path):
+    """Rows from before the ``views`` column trained MLKD on one view: the release's two-view recipe is a
+    new run, trained rather than read from the CSV; rows trained as now are read back."""
+    import os
+    import shutil
+
+    import pandas as pd
+
+    kd_table, prefix, runs = _kd_table(), str(tmp_path / "untuned"), tmp_path / "runs"
+    common = ["--quick", "--prefix", prefix, "--out-dir", str(runs), "--data-dir", str(tmp_path), "--jobs", "1"]
+    kd_table.main([*common, "--methods", "kd", "mlkd", "--seeds", "1"])
+    df = pd.read_csv(f"{prefix}.csv")
+    assert dict(zip(df["method"], df["views"], strict=True)) == {"kd": 1, "mlkd": 2}
+    mlkd_runs = lambda: [d for d in os.listdir(runs) if "-mlkd-" in d]  # noqa: E731
+    shutil.rmtree(runs)
+    kd_table.main([*common, "--methods", "kd", "mlkd", "--seeds", "1"])  # recorded as trained now: read back
+    assert mlkd_runs() == []
+    df.drop(columns="views").to_csv(f"{prefix}.csv", index=False)  # as written before the column
+    shutil.rmtree(runs)
+    kd_table.main([*common, "--methods", "kd", "mlkd", "--seeds", "1"])
+    assert len(mlkd_runs()) == 1 and pd.read_csv(f"{prefix}.csv").set_index("method")["views"]["mlkd"] == 2
+    assert "ran the release's first view only" not in open(f"{prefix}.md").read()
+
+
+def test_mlkd_views_compares_the_two_variants_with_ce_by_seed(tmp_path):
+    import importlib.util
+
+    import pandas as pd
+
+    spec = importlib.util.spec_from_file_location("mlkd_views", ROOT / "benchmarks" / "mlkd_views.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    prefix = str(tmp_path / "views")
+    args = ["--quick", "--seeds", "2", "--prefix", prefix, "--out-dir", str(tmp_path / "runs")]
+    module.main([*args, "--data-dir", str(tmp_path), "--jobs", "1"])
+    df = pd.read_csv(f"{prefix}.csv")
+    assert sorted(df.groupby("variant")["seed"].apply(list).to_dict().items()) == [
+        ("ce", [0, 1]), ("mlkd, both views (release)", [0, 1]), ("mlkd, first view only", [0, 1])
+    ]  # fmt: skip
+    report = open(f"{prefix}.md").read()
+    assert "`python benchmarks/mlkd_views.py --quick --seeds 2`" in report
+    assert "| mlkd, both views (release) − mlkd, first view only | test_top1 | 2 |" in report
+    module.main(["--table-only", "--quick", "--prefix", prefix])
+    assert open(f"{prefix}.md").read() == report

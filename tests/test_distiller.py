@@ -102,3 +102,33 @@ def test_bf16_teacher_and_teacher_cache_together_are_refused(smoke_cfg, smoke_te
         check_method_inputs(
             smoke_cfg(method="kd", teacher=smoke_teacher.run_dir, teacher_cache=True, teacher_amp="bf16")
         )
+
+
+class SecondViewOnly(nn.Module):
+    """A loss on the second view alone: what reaches the student must come through it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = {}
+
+    def forward(self, logits_s, logits_t, target, strong_s=None, strong_t=None, **_):
+        self.seen = {"strong_s": strong_s, "strong_t": strong_t}
+        return {"kd": ((strong_s - strong_t) ** 2).mean()}
+
+
+def test_a_second_view_runs_both_networks_and_its_gradients_reach_the_student_only():
+    torch.manual_seed(0)
+    student, teacher = create_model("vgg8", num_classes=10, width=0.0625), create_model("vgg8", num_classes=10)
+    x, x2, y = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    loss = SecondViewOnly()
+    distiller = Distiller(student, teacher, loss, second_view=True)
+    _, terms = distiller(x, y, strong=x2)
+    terms["kd"].backward()
+    assert torch.allclose(loss.seen["strong_t"], teacher(x2)) and loss.seen["strong_s"].requires_grad
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters() if p.ndim > 1)
+    assert all(p.grad is None for p in teacher.parameters())
+    with pytest.raises(ValueError, match="second view.*strong_view = True"):
+        distiller(x, y)
+    # a method without the second view never runs the networks on it: the extra is dropped
+    kd = Distiller(student, teacher, KDLoss())
+    assert set(kd(x, y, strong=x2)[1]) == {"ce", "kd"}

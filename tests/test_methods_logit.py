@@ -136,12 +136,36 @@ def test_mlkd_three_levels_and_confidence_masks_by_hand(logit_stand):
     assert confidence_fractions(t[:3])[0].item() == pytest.approx(2 / 3)
 
 
-def test_mlkd_is_zero_for_identical_logits_and_refuses_the_strong_view():
+def test_mlkd_is_zero_for_identical_logits():
     z = torch.randn(8, 10)
     terms = MLKDLoss()(z, z.clone(), torch.zeros(8, dtype=torch.long))
     assert all(abs(terms[k].item()) < 1e-6 for k in ("instance", "batch", "class"))
-    with pytest.raises(ValueError, match="strongly augmented view.*not available yet.*--mlkd-strong-view"):
-        resolve_recipe(make_config("smoke", method="mlkd", teacher="t", mlkd_strong_view=True))
+    assert "strong" not in terms
+
+
+S2 = [[0.5, 1.0, -1.0], [2.0, 0.5, 0.0], [-1.0, 1.0, 1.0], [0.0, 0.0, 3.0]]  # the student on the second view
+T2 = [[1.0, 0.0, 2.0], [0.0, 1.5, -0.5], [2.5, 0.5, 0.0], [-1.0, 1.0, 1.0]]  # the teacher on it
+
+
+@pytest.mark.parametrize("logit_stand", [False, True])
+def test_mlkd_second_view_terms_by_hand(logit_stand):
+    """The release's strong-view additions: CE on the second view, and an unmasked instance sum at T, 3, 5
+    on it plus, as its KD_ours.py has it, at 2 and 6 on the first view."""
+    s, t, y = tensors()
+    s2, t2 = torch.tensor(S2), torch.tensor(T2)
+    loss = MLKDLoss(T=4.0, ce_weight=0.1, kd_weight=0.9, logit_stand=logit_stand)
+    weak, both = loss(s, t, y), loss(s, t, y, strong_s=s2, strong_t=t2)
+    for k in ("instance", "batch", "class"):  # the masked first-view terms do not change
+        assert both[k].item() == pytest.approx(weak[k].item(), rel=1e-6)
+    ce2 = F.cross_entropy(s, y).item() + F.cross_entropy(s2, y).item()
+    assert both["ce"].item() == pytest.approx(0.1 * ce2, rel=1e-6)
+    z = zscore if logit_stand else (lambda r: r)
+
+    def instance(s_rows, t_rows, T):
+        return sum(T * T * kl(softmax(z(b), T), softmax(z(a), T)) for a, b in zip(s_rows, t_rows, strict=True)) / 4
+
+    strong = sum(instance(S2, T2, T) for T in (4.0, 3.0, 5.0)) + sum(instance(S, Tt, T) for T in (2.0, 6.0))
+    assert both["strong"].item() == pytest.approx(0.9 * strong, rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- CTKD
@@ -190,7 +214,7 @@ def test_ctkd_gradient_reversal_flips_the_temperatures_gradient_only():
     "method, expected",
     [
         ("dist", dict(T=4.0, ce_weight=1.0, inter_weight=2.0, intra_weight=2.0)),  # dist_t4, CE 1, KD 2 × β = γ = 1
-        ("mlkd", dict(T=4.0, ce_weight=0.1, kd_weight=0.9)),  # the MLKD release's CFG.KD
+        ("mlkd", dict(T=4.0, ce_weight=0.1, kd_weight=0.9, mlkd_strong_view=True)),  # CFG.KD, and its two views
         ("ctkd", dict(ce_weight=0.1, kd_weight=0.9, ctkd_loops=10.0)),  # -r 0.1 -a 0.9 --decay_loops 10
     ],
 )
@@ -274,9 +298,11 @@ def test_the_switch_from_the_command_line_replace_and_the_run_name():
 # ----------------------------------------------------------------------------- training
 
 
-@pytest.mark.parametrize("method", ["dist", "mlkd"])
+@pytest.mark.parametrize("method", ["dist", "mlkd", "mlkd+first-view-only"])
 def test_dist_and_mlkd_train_in_the_smoke_profile(method, smoke_cfg, smoke_teacher):
-    result = distill(smoke_cfg(method=method, teacher=smoke_teacher.run_dir, epochs=3))
+    extra = {"mlkd_strong_view": False} if method.endswith("only") else {}  # the recipe: both views
+    method = method.split("+")[0]
+    result = distill(smoke_cfg(method=method, teacher=smoke_teacher.run_dir, epochs=3, **extra))
     h = load_history(result.run_dir)
     assert h["train_loss"].iloc[-1] < h["train_loss"].iloc[0]
     # DIST at its recipe (T 4, β = γ = 2) starts unstable here: the student's first, near-uniform
@@ -288,8 +314,10 @@ def test_dist_and_mlkd_train_in_the_smoke_profile(method, smoke_cfg, smoke_teach
         "dist": ["train_ce", "train_inter", "train_intra"],
         "mlkd": ["train_instance", "train_batch", "train_class"],
     }
-    for term in terms[method]:
+    both_views = method == "mlkd" and not extra
+    for term in terms[method] + (["train_strong"] if both_views else []):
         assert term in h and torch.isfinite(torch.tensor(h[term].values)).all()
+    assert ("train_strong" in h) == both_views
 
 
 def test_ctkd_trains_and_an_interrupted_run_resumes_bit_identically(smoke_cfg, smoke_teacher, tmp_path, monkeypatch):
@@ -305,7 +333,8 @@ def test_ctkd_trains_and_an_interrupted_run_resumes_bit_identically(smoke_cfg, s
 
 LOGIT_COHORT = [
     ("dist", {}),
-    ("mlkd", {}),
+    ("mlkd", {}),  # its second view's teacher online, even beside cached logits
+    ("mlkd", {"mlkd_strong_view": False}),
     ("ctkd", {"ctkd_loops": 2.0}),  # λ 1/2, then 1
     ("kd", {"logit_stand": True}),
     ("dkd", {"warmup": 2.0, "logit_stand": True}),
