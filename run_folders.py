@@ -24,6 +24,7 @@ import io
 import json
 import os
 import warnings
+from dataclasses import replace
 
 import pandas as pd
 
@@ -99,9 +100,19 @@ def run_dir_for(cfg: Config) -> str:
     return os.path.join(cfg.out_dir, run_name(cfg))
 
 
+def saved_config(saved: dict) -> Config:
+    """The config a run folder saved. It was resolved with its method's recipe of the time, so a method
+    parameter it leaves out was at its declared default then: pinned there, so that a recipe that gained
+    the parameter later (MLKD's second view) does not rewrite what the run trained."""
+    cfg = Config(**saved)
+    method = METHODS.get(cfg.method)
+    missing = {p.name: p.default for p in method.params if p.name not in cfg.params and p.default is not None}
+    return replace(cfg, **missing) if missing else cfg
+
+
 def same_run(saved: dict | None, cfg: Config) -> bool:
     """Whether a checkpoint's saved config describes the run ``cfg`` does."""
-    return saved is not None and run_identity(Config(**saved)) == run_identity(cfg)
+    return saved is not None and run_identity(saved_config(saved)) == run_identity(cfg)
 
 
 # The metrics column that marks a failed run (its reason on every row; absent in a run that trained)
@@ -232,7 +243,7 @@ def load_history(run_dir: str) -> pd.DataFrame:
 
 def _config(values: dict, source: str) -> Config:
     try:
-        return Config(**values)
+        return saved_config(values)
     except TypeError as err:
         raise ValueError(f"{source} is not a config this project can read ({err})") from err
 

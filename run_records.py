@@ -28,7 +28,7 @@ import pandas as pd
 
 from atomic_files import atomic_write_text
 from config import Config
-from run_folders import run_identity, run_record
+from run_folders import run_identity, run_record, saved_config
 
 KEY_COLUMNS = ["key", "run_name", "processor", "commit"]
 
@@ -143,7 +143,7 @@ def record_folders(path: str, run_dirs: list[str]) -> int:
         if not os.path.isfile(os.path.join(d, "config.json")):
             continue
         cfg, history = run_record(d)
-        records.add(Config(**cfg), history, d)
+        records.add(saved_config(cfg), history, d)
         added += 1
     records.save()
     return added

@@ -147,3 +147,18 @@ def test_a_config_json_written_before_the_split_still_loads(tmp_path, constant_d
     loaded = load_config(str(tmp_path))
     assert loaded.nckd_weight == 2.0 and loaded.warmup == 2.5
     assert run_name(loaded) == PINNED["dkd_cpu_beta2"]
+
+
+def test_a_run_saved_before_its_recipe_gained_a_parameter_keeps_what_it_trained(tmp_path, constant_data_digest):
+    """MLKD's recipe gained ``mlkd_strong_view`` (True); a run saved before has no such key and trained
+    on one view: read back, it is the one-view run, not the recipe's two-view one."""
+    from run_folders import same_run
+
+    before = make_config("cpu", method="mlkd", teacher="", T=4.0, ce_weight=0.1, kd_weight=0.9)
+    saved = {**{k: v for k, v in vars(before).items() if k != "params"}, **before.params}
+    assert "mlkd_strong_view" not in saved  # the resolved config as the older recipe saved it
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert load_config(str(tmp_path)).mlkd_strong_view is False
+    assert same_run(saved, replace(before, mlkd_strong_view=False))
+    assert not same_run(saved, before)  # the recipe now: both views, another run
+    assert run_name(replace(before, mlkd_strong_view=False)) != run_name(before)
