@@ -99,7 +99,8 @@ def markdown(df: pd.DataFrame, quick: bool = False) -> str:
             "",
             md_table(pd.concat([_readable(d, name) for name, d in diffs.items()])),
             "",
-            f"Trained at {', '.join(sorted(set(g['commit'])))} on {', '.join(sorted(set(g['processor'])))}.",
+            f"Rows written at {', '.join(sorted(set(g['commit'])))} on {', '.join(sorted(set(g['processor'])))} "
+            "(a run already in its folder is read back, not trained again).",
         ]
     return "\n".join(parts) + "\n"
 
