@@ -248,7 +248,7 @@ def test_kd_table_adds_methods_to_a_pair_only_where_kd_reproduces_its_row(tmp_pa
     shutil.rmtree(runs)  # a new machine: every run, the teacher's included, trains again
     kd_table.main([*common, "--methods", "ce", "--seeds", "1"])
     df = pd.read_csv(f"{prefix}.csv")
-    assert sorted(df["method"]) == ["ce", "kd"]
+    assert sorted(df["method"]) == ["ce", "kd"] and list(df["views"]) == [1, 1]  # one view each (MLKD's: two)
     report = open(f"{prefix}.md").read()  # the networks it trained, not the cpu pair's widths
     assert "### vgg13-vgg8: vgg13 teacher, vgg8 student at the smoke profile's widths" in report
     assert "smoke profile on generated data" in report and "x0.125" not in report
@@ -263,28 +263,30 @@ def test_kd_table_adds_methods_to_a_pair_only_where_kd_reproduces_its_row(tmp_pa
         kd_table.main([*common, "--methods", "ce", "--seeds", "1"])
 
 
-def test_kd_table_trains_again_rows_recorded_before_a_method_took_a_second_view(tmp_path):
+def test_kd_table_trains_again_rows_recorded_before_a_method_took_a_second_view(monkeypatch):
     """Rows from before the ``views`` column trained MLKD on one view: the release's two-view recipe is a
     new run, trained rather than read from the CSV; rows trained as now are read back."""
-    import os
-    import shutil
+    import argparse
 
     import pandas as pd
 
-    kd_table, prefix, runs = _kd_table(), str(tmp_path / "untuned"), tmp_path / "runs"
-    common = ["--quick", "--prefix", prefix, "--out-dir", str(runs), "--data-dir", str(tmp_path), "--jobs", "1"]
-    kd_table.main([*common, "--methods", "kd", "mlkd", "--seeds", "1"])
-    df = pd.read_csv(f"{prefix}.csv")
-    assert dict(zip(df["method"], df["views"], strict=True)) == {"kd": 1, "mlkd": 2}
-    mlkd_runs = lambda: [d for d in os.listdir(runs) if "-mlkd-" in d]  # noqa: E731
-    shutil.rmtree(runs)
-    kd_table.main([*common, "--methods", "kd", "mlkd", "--seeds", "1"])  # recorded as trained now: read back
-    assert mlkd_runs() == []
-    df.drop(columns="views").to_csv(f"{prefix}.csv", index=False)  # as written before the column
-    shutil.rmtree(runs)
-    kd_table.main([*common, "--methods", "kd", "mlkd", "--seeds", "1"])
-    assert len(mlkd_runs()) == 1 and pd.read_csv(f"{prefix}.csv").set_index("method")["views"]["mlkd"] == 2
-    assert "ran the release's first view only" not in open(f"{prefix}.md").read()
+    from config import make_config
+
+    kd_table = _kd_table()
+    cfgs = {m: make_config("smoke", method=m, teacher="t") for m in ("kd", "mlkd")}
+    assert kd_table.views(cfgs) == {"kd": 1, "mlkd": 2}
+    monkeypatch.setattr(kd_table, "configs", lambda args, teacher_seed=0: cfgs)
+    here = kd_table.processor()
+    rows = pd.DataFrame(
+        {"pair": "p", "method": ["kd", "mlkd"], "seed": 0, "teacher": "t", "processor": here, "commit": "c"}
+    )
+    args = argparse.Namespace(pair="p", seeds=1)
+    assert kd_table.recorded_here(rows, args) == {("kd", "t")}  # no views column: one view each
+    assert kd_table.recorded_here(rows.assign(views=[1, 2]), args) == {("kd", "t"), ("mlkd", "t")}
+    assert kd_table.recorded_here(rows.assign(views=[1, None]), args) == {("kd", "t")}
+    with_one_view = {**cfgs, "mlkd": make_config("smoke", method="mlkd", teacher="t", mlkd_strong_view=False)}
+    monkeypatch.setattr(kd_table, "configs", lambda args, teacher_seed=0: with_one_view)
+    assert kd_table.recorded_here(rows, args) == {("kd", "t"), ("mlkd", "t")}  # --no-mlkd-strong-view: as before
 
 
 def test_mlkd_views_compares_the_two_variants_with_ce_by_seed(tmp_path):
