@@ -31,8 +31,9 @@ case "$cmd" in
         ;;
     test)
         setup
-        # one worker per core, one thread each (tests/conftest.py); pass -n 0 to run in this process
-        "$VENV/bin/python" -m pytest -q -n auto "$@"
+        # one worker per core, one thread each (tests/conftest.py); an idle worker takes queued tests from
+        # the other (worksteal); pass -n 0 to run in this process
+        "$VENV/bin/python" -m pytest -q -n auto --dist worksteal "$@"
         ;;
     *)
         sed -n '2,5p' "$0"

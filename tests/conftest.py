@@ -118,3 +118,12 @@ def interrupted_then_resumed(cfg, monkeypatch, after_epoch: int = 0):
         with pytest.raises(Interrupt):
             distill(cfg)
     return distill(cfg)
+
+
+# The longest tests (the notebooks in smoke, a minute or two each) start first: started last, one of them
+# would leave the other worker idle at the end of the run (with ``--dist worksteal`` the rest balances).
+LONG_FIRST = ("test_notebooks.py::test_notebook_runs_in_smoke_profile",)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    items.sort(key=lambda item: not any(key in item.nodeid for key in LONG_FIRST))  # stable: else in order
