@@ -606,12 +606,11 @@ class CifarLoader:
         for i in range(self._num_batches(len(order), drop_last)):
             idx = order[i * bs : (i + 1) * bs]
             rows = slice(i * bs, (i + 1) * bs)
-            x = self.images[idx]  # (B, C, H, W) uint8
-            if views is not None:
-                x = apply_views(x, views[rows], self.aug["crop_pad"])
+            raw = self.images[idx]  # (B, C, H, W) uint8
+            x = raw if views is None else apply_views(raw, views[rows], self.aug["crop_pad"])
             named = {"index": idx} if extras and self.with_index else {}
             if strong is not None:
-                x2 = apply_views(self.images[idx], strong[0][rows].to(self.device), self.aug["crop_pad"])
+                x2 = apply_views(raw, strong[0][rows].to(self.device), self.aug["crop_pad"])  # one gather, two views
                 named["strong"] = self.normalise(apply_strong(x2, strong[1][rows]))  # (B, C, H, W)
             batch = (self.normalise(x), self.labels[idx])
             yield (*batch, named) if named else batch
